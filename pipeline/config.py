@@ -1,0 +1,226 @@
+"""Workflow files: YAML loaded safely, ``--set`` overrides applied, validated once.
+
+Everything below the CLI receives the frozen :class:`Workflow`, never raw dicts. Relative
+paths in a workflow file are relative to that file, so a workflow means the same thing
+wherever it is run from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import WorkflowError
+
+
+class Section(BaseModel):
+    """Base of every workflow section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSection(Section):
+    dir: Path
+    pattern: str = "*.tif"
+
+
+class OutputSection(Section):
+    dir: Path
+    confidence: bool = False
+    """Also write ``<stem>.confidence.tif``: max softmax probability as uint8 0-100."""
+    probabilities: bool = False
+    """Also write ``<stem>.probabilities.tif``: one uint8 0-100 band per class."""
+    polygons: bool = False
+    """Also write ``<stem>.gpkg``: the classes as simplified polygons."""
+    simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance, in CRS units")
+    run_products: bool = True
+    """Write per-run VRT mosaics, STAC Items and a STAC Collection."""
+
+
+class ModelSection(Section):
+    checkpoint: Path
+
+
+class NormaliseSection(Section):
+    """Raw values become model units as ``raw * scale + offset`` (per band or one for all);
+    the model's stored mean/std are applied after that."""
+
+    scale: list[float] | float = 1.0
+    offset: list[float] | float = 0.0
+
+    def per_band(self, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        def expand(value: list[float] | float, field: str) -> tuple[float, ...]:
+            if isinstance(value, (int, float)):
+                return (float(value),) * n
+            if len(value) != n:
+                raise WorkflowError(f"normalise.{field}: has {len(value)} values for {n} bands")
+            return tuple(float(v) for v in value)
+
+        return expand(self.scale, "scale"), expand(self.offset, "offset")
+
+
+class TilingSection(Section):
+    tile: int = Field(256, ge=16, le=8192, description="core tile size in pixels")
+    halo: int = Field(64, ge=0, le=1024, description="context pixels read on every side")
+    batch: int = Field(8, ge=1, le=1024, description="tiles per compiled batch")
+
+
+class DaskSection(Section):
+    scheduler: str | None = None
+    """Address of an existing scheduler (tcp://host:port); none starts a local cluster."""
+    workers: int = Field(1, ge=1)
+    threads: int = Field(2, ge=1)
+    processes: bool = False
+    max_tasks_in_flight: int = Field(4, ge=1, description="batches submitted but not yet written")
+    retries: int = Field(2, ge=0)
+
+
+class RuntimeSection(Section):
+    compilation_cache: Path | None = Path("~/.cache/tilepipe/jax")
+    """Persistent JAX compilation cache; null turns it off."""
+
+
+class Workflow(Section):
+    """One validated workflow."""
+
+    name: str = "workflow"
+    input: InputSection
+    output: OutputSection
+    model: ModelSection
+    bands: list[int] = Field(min_length=1, description="1-based input band indexes, in the model's order")
+    normalise: NormaliseSection = NormaliseSection()
+    tiling: TilingSection = TilingSection()
+    dask: DaskSection = DaskSection()
+    runtime: RuntimeSection = RuntimeSection()
+    report: Path | None = None
+
+    @field_validator("bands")
+    @classmethod
+    def _positive_bands(cls, bands: list[int]) -> list[int]:
+        if any(b < 1 for b in bands):
+            raise ValueError("band indexes are 1-based and must be >= 1")
+        return bands
+
+    @model_validator(mode="after")
+    def _normalise_matches_bands(self) -> Workflow:
+        self.normalise.per_band(len(self.bands))
+        return self
+
+    def digest(self) -> str:
+        """Stable hash of the validated content (paths included), for provenance and reruns."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+S = TypeVar("S", bound=BaseModel)
+
+PATH_FIELDS = ("input.dir", "output.dir", "model.checkpoint", "report", "runtime.compilation_cache")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``section.key=value`` strings as (key path, YAML-parsed value) pairs."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise WorkflowError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise WorkflowError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """A copy of ``data`` with each override set; intermediate sections are created."""
+    data = json.loads(json.dumps(data, default=str))
+    for path, value in overrides:
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise WorkflowError(f"--set {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise WorkflowError(f"{path}: cannot read workflow ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise WorkflowError(f"{path}: a workflow must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base: Path, fields: tuple[str, ...]) -> dict[str, Any]:
+    """Make relative path fields absolute against ``base`` (the workflow file's folder)."""
+    for dotted in fields:
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            value = Path(node[leaf]).expanduser()
+            node[leaf] = str(value if value.is_absolute() else (base / value).resolve())
+    return data
+
+
+def validate(model: type[S], data: dict[str, Any], source: str) -> S:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise WorkflowError(format_validation_error(exc, source)) from None
+
+
+def load_config(model: type[S], path: str | Path, overrides: list[str] = (), path_fields: tuple[str, ...] = ()) -> S:
+    """Read a YAML file into ``model``: safe load, overrides, paths resolved, validated once.
+
+    Paths given in the file are relative to the file; paths given with ``--set`` are
+    relative to the current directory, as a user typing them expects.
+    """
+    path = Path(path)
+    data = resolve_paths(read_yaml(path), path.resolve().parent, path_fields)
+    parsed = parse_overrides(list(overrides))
+    data = apply_overrides(data, parsed)
+    override_data = apply_overrides({}, parsed)
+    data = apply_overrides(data, [(k, v) for k, v in _flatten(resolve_paths(override_data, Path.cwd(), path_fields))])
+    return validate(model, data, str(path))
+
+
+def _flatten(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[list[str], Any]]:
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            items.extend(_flatten(value, prefix + (key,)))
+        else:
+            items.append((list(prefix + (key,)), value))
+    return items
+
+
+def load_workflow(path: str | Path, overrides: list[str] = ()) -> Workflow:
+    """The validated workflow at ``path`` with ``--set`` overrides applied."""
+    return load_config(Workflow, path, overrides, PATH_FIELDS)

@@ -1,0 +1,110 @@
+"""Raster reads: what an input holds, and one tile's pixels with their validity mask."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipeline.errors import InputError
+from pipeline.windows import Tile, reflect_indices, source_span
+
+
+@dataclasses.dataclass(frozen=True)
+class RasterInfo:
+    """The georeferencing and layout of one input, read once by the driver."""
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtypes: tuple[str, ...]
+    crs: CRS | None
+    transform: rasterio.Affine
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def inspect_raster(path: Path, bands: list[int]) -> RasterInfo:
+    """Open ``path`` and check it can feed ``bands``; :class:`InputError` says why not."""
+    if not path.is_file():
+        raise InputError(f"{path.name}: not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: empty file (0 bytes)")
+    try:
+        with rasterio.open(path) as src:
+            info = RasterInfo(path, src.width, src.height, src.count, tuple(src.dtypes), src.crs, src.transform)
+            if max(bands) > src.count:
+                raise InputError(f"{path.name}: has {src.count} band(s), the workflow reads band {max(bands)}")
+            # Reading the last pixel catches most truncated files before any tile is scheduled.
+            src.read(bands, window=Window(src.width - 1, src.height - 1, 1, 1))
+    except InputError:
+        raise
+    except (RasterioError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise InputError(f"{path.name}: not a readable raster ({reason})") from exc
+    return info
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Normaliser:
+    """``(raw * scale + offset - mean) / std`` per band; invalid pixels become 0 (the mean)."""
+
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(bands, rows, cols) raw values -> (rows, cols, bands) float32 model input."""
+        shape = (-1, 1, 1)
+        gain = np.asarray(self.scale, np.float32).reshape(shape) / np.asarray(self.std, np.float32).reshape(shape)
+        bias = (np.asarray(self.offset, np.float32).reshape(shape) - np.asarray(self.mean, np.float32).reshape(shape)) \
+            / np.asarray(self.std, np.float32).reshape(shape)
+        z = data.astype(np.float32) * gain + bias
+        z = np.where(valid, z, np.float32(0.0))
+        return np.ascontiguousarray(np.moveaxis(z, 0, -1))
+
+
+def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S).
+
+    Context beyond the raster is reflected; a pixel is valid when every band's dataset
+    mask (nodata value, internal mask or alpha) says so and its value is finite.
+    """
+    rows = reflect_indices(tile.read.row_off, tile.read.row_off + tile.read.height, src.height)
+    cols = reflect_indices(tile.read.col_off, tile.read.col_off + tile.read.width, src.width)
+    r0, r1 = source_span(rows)
+    c0, c1 = source_span(cols)
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    data = src.read(bands, window=window)
+    valid = np.all(src.read_masks(bands, window=window) > 0, axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.all(np.isfinite(data), axis=0)
+    index = np.ix_(rows - r0, cols - c0)
+    return data[(slice(None), *index)], valid[index]
+
+
+def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
+    """Open an input for reading, turning rasterio's errors into :class:`InputError`."""
+    try:
+        return rasterio.open(path)
+    except (RasterioError, OSError) as exc:
+        raise InputError(f"{Path(path).name}: cannot open ({str(exc).splitlines()[0]})") from exc

@@ -1,0 +1,73 @@
+"""The unit of work a Dask worker runs: read a batch of tiles, predict, keep the cores.
+
+A task carries paths and windows only; the worker opens the input itself and reuses its
+process's compiled predictor, and sends back the small uint8 core windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import rasterio
+
+from pipeline.infer import configure_jax, device_description, get_predictor
+from pipeline.io import Normaliser, read_tile
+from pipeline.stitch import core_mask, place
+from pipeline.windows import Tile, TileSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchJob:
+    """Everything a worker needs to predict one batch of tiles of one input."""
+
+    input_path: str
+    tiles: tuple[Tile, ...]
+    bands: tuple[int, ...]
+    normaliser: Normaliser
+    checkpoint: str
+    checkpoint_sha256: str
+    spec: TileSpec
+    batch: int
+    with_confidence: bool
+    with_probabilities: bool
+    compilation_cache: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TileResult:
+    """The written part of one tile: class codes, optional confidence and per-class
+    probabilities (bands first), nodata applied."""
+
+    tile: Tile
+    classes: np.ndarray
+    confidence: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    tiles: tuple[TileResult, ...]
+    device: str
+
+
+def predict_batch(job: BatchJob) -> BatchResult:
+    """Read, normalise and predict ``job.tiles``; runs on a worker."""
+    configure_jax(job.compilation_cache)
+    predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities)
+    inputs, masks = [], []
+    with rasterio.open(job.input_path) as src:
+        for tile in job.tiles:
+            data, valid = read_tile(src, tile, list(job.bands))
+            inputs.append(job.normaliser(data, valid))
+            masks.append(core_mask(valid, tile))
+    prediction = predictor(np.stack(inputs))
+    results = []
+    for i, tile in enumerate(job.tiles):
+        classes = place(prediction.classes[i], masks[i], tile)
+        confidence = place(prediction.confidence[i], masks[i], tile) if job.with_confidence else None
+        probabilities = None
+        if job.with_probabilities:
+            probabilities = np.stack([place(p, masks[i], tile) for p in np.moveaxis(prediction.probabilities[i], -1, 0)])
+        results.append(TileResult(tile, classes, confidence, probabilities))
+    return BatchResult(tuple(results), device_description())

@@ -1,0 +1,96 @@
+"""The tile plan: pure geometry over integers, no raster opened here.
+
+A raster of ``width`` x ``height`` is cut into core tiles of ``tile`` pixels on a grid whose
+origin is the raster's upper-left corner. Each tile is read with ``halo`` pixels of context
+on every side, so every read window has the same shape (``tile + 2 * halo``) and one
+compiled function serves the whole run. Context beyond the raster's edge comes from
+reflecting the raster about its edge (numpy's ``reflect`` mode), the same for every tile.
+With ``tile`` and ``halo`` multiples of the U-Net's down-sampling factor, every read window
+starts on the same pooling grid, so a pixel's class does not depend on which tile holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+from rasterio.windows import Window
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSpec:
+    """Tile size and halo, checked against the model's down-sampling factor."""
+
+    tile: int
+    halo: int
+
+    @property
+    def read_size(self) -> int:
+        """Side of every read window and of the model's input."""
+        return self.tile + 2 * self.halo
+
+
+def tile_spec(tile: int, halo: int, factor: int) -> TileSpec:
+    """Validate ``tile``/``halo`` once; both must be multiples of ``factor``."""
+    if tile <= 0 or halo < 0:
+        raise ValueError(f"tile must be positive and halo non-negative, got tile={tile}, halo={halo}")
+    for name, value in (("tile", tile), ("halo", halo)):
+        if value % factor:
+            raise ValueError(
+                f"tiling.{name}={value} must be a multiple of the model's down-sampling factor {factor} "
+                f"(try {max(factor, round(value / factor) * factor)})"
+            )
+    return TileSpec(tile, halo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One tile: ``core`` is the part written (clipped to the raster), ``read`` is the
+    full halo-expanded window fed to the model (it may extend beyond the raster)."""
+
+    core: Window
+    read: Window
+
+    @property
+    def core_in_read(self) -> Window:
+        """Where the core sits inside the read window's array."""
+        return Window(self.core.col_off - self.read.col_off, self.core.row_off - self.read.row_off,
+                      self.core.width, self.core.height)
+
+
+def plan_tiles(width: int, height: int, spec: TileSpec) -> list[Tile]:
+    """Tiles covering a ``width`` x ``height`` raster, row by row."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"raster size must be positive, got {width}x{height}")
+    return list(_iter_tiles(width, height, spec))
+
+
+def _iter_tiles(width: int, height: int, spec: TileSpec) -> Iterator[Tile]:
+    t, h = spec.tile, spec.halo
+    for row in range(0, height, t):
+        for col in range(0, width, t):
+            core = Window(col, row, min(t, width - col), min(t, height - row))
+            read = Window(col - h, row - h, spec.read_size, spec.read_size)
+            yield Tile(core, read)
+
+
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Source indices for positions ``start..stop-1`` of an axis of ``size`` pixels,
+    reflected about the edges without repeating the edge pixel (numpy ``reflect``)."""
+    positions = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded < size, folded, period - folded)
+
+
+def source_span(indices: np.ndarray) -> tuple[int, int]:
+    """The smallest ``[lo, hi)`` range of source pixels that holds ``indices``."""
+    return int(indices.min()), int(indices.max()) + 1
+
+
+def batches(items: list, size: int) -> list[list]:
+    """Consecutive groups of at most ``size`` items."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

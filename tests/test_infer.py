@@ -1,0 +1,90 @@
+"""The compiled predictor: one shape per run, and tiling that does not show."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY
+from pipeline.infer import Predictor, get_predictor
+from pipeline.windows import plan_tiles, reflect_indices, tile_spec
+from unet_flax.checkpoint import load_checkpoint
+from unet_flax.model import UNetConfig, create_unet
+
+
+@pytest.mark.parametrize("config", [TINY, UNetConfig(in_bands=2, num_classes=2, depth=3, base_width=2)])
+def test_receptive_radius_bounds_the_measured_gradient_support(config):
+    model = create_unet(config, seed=0)
+    model.eval()
+    size = 4 * config.receptive_radius
+    size += -size % config.factor
+    centre = size // 2
+
+    graphdef, state = nnx.split(model)
+
+    def centre_logit(state, x):
+        return nnx.merge(graphdef, state)(x)[0, centre, centre].sum()
+
+    x = jax.random.normal(jax.random.key(0), (1, size, size, config.in_bands))
+    grad = np.abs(np.asarray(jax.jit(jax.grad(centre_logit, argnums=1))(state, x)))[0].sum(-1)
+    rows, cols = np.nonzero(grad)
+    reach = max(np.abs(rows - centre).max(), np.abs(cols - centre).max())
+    assert 0.5 * config.receptive_radius < reach <= config.receptive_radius
+
+
+def test_short_batches_are_padded_and_compiled_once(tiny_checkpoint):
+    spec = tile_spec(32, 28, TINY.factor)
+    predictor = Predictor(load_checkpoint(tiny_checkpoint), spec, batch=4)
+    rng = np.random.default_rng(0)
+    for n in (4, 1, 3):
+        out = predictor(rng.standard_normal((n, spec.read_size, spec.read_size, 4)).astype(np.float32))
+        assert out.classes.shape == (n, 32, 32) and out.classes.dtype == np.uint8
+        assert out.confidence.shape == (n, 32, 32) and out.confidence.max() <= 100
+    assert predictor.compiled_count() == 1
+
+
+def test_predictor_is_cached_per_process(tiny_checkpoint):
+    spec = tile_spec(32, 28, TINY.factor)
+    sha = load_checkpoint(tiny_checkpoint).sha256
+    assert get_predictor(tiny_checkpoint, sha, spec, 2) is get_predictor(tiny_checkpoint, sha, spec, 2)
+
+
+def tiled_logits_classes(predictor, image, spec):
+    """Classes of ``image`` (rows, cols, bands) predicted tile by tile, stitched."""
+    height, width = image.shape[:2]
+    out = np.zeros((height, width), np.uint8)
+    for tile in plan_tiles(width, height, spec):
+        rows = reflect_indices(tile.read.row_off, tile.read.row_off + spec.read_size, height)
+        cols = reflect_indices(tile.read.col_off, tile.read.col_off + spec.read_size, width)
+        pred = predictor(image[np.ix_(rows, cols)][None]).classes[0]
+        c = tile.core
+        out[c.row_off : c.row_off + c.height, c.col_off : c.col_off + c.width] = pred[: c.height, : c.width]
+    return out
+
+
+@pytest.mark.parametrize("tile", [32, 48, 96])
+def test_tiled_inference_equals_whole_image_inference_when_halo_covers_the_receptive_field(tiny_checkpoint, tile):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    halo = TINY.receptive_radius + (-TINY.receptive_radius % TINY.factor)
+    image = np.random.default_rng(1).standard_normal((90, 110, 4)).astype(np.float32)
+    tiled = tiled_logits_classes(Predictor(checkpoint, tile_spec(tile, halo, TINY.factor), 1), image,
+                                 tile_spec(tile, halo, TINY.factor))
+    # The whole image, reflected by the halo and up to a multiple of the factor, in one pass.
+    height, width = image.shape[:2]
+    big_h = height + 2 * halo + (-height % TINY.factor)
+    big_w = width + 2 * halo + (-width % TINY.factor)
+    padded = image[np.ix_(reflect_indices(-halo, big_h - halo, height), reflect_indices(-halo, big_w - halo, width))]
+    logits = checkpoint.model(jnp.asarray(padded[None]))[0, halo : halo + height, halo : halo + width]
+    whole = np.asarray(jnp.argmax(logits, -1)).astype(np.uint8)
+    agreement = (tiled == whole).mean()
+    assert agreement >= 0.9999, agreement  # exact up to float ties between near-equal logits
+
+
+def test_a_narrow_halo_does_show_at_tile_edges(tiny_checkpoint):
+    """The equality above is not vacuous: without context the seams differ."""
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(1).standard_normal((64, 64, 4)).astype(np.float32)
+    a = tiled_logits_classes(Predictor(checkpoint, tile_spec(16, 0, 4), 1), image, tile_spec(16, 0, 4))
+    b = tiled_logits_classes(Predictor(checkpoint, tile_spec(64, 0, 4), 1), image, tile_spec(64, 0, 4))
+    assert (a != b).any()

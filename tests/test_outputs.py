@@ -1,0 +1,215 @@
+"""Finished masks: valid COGs a GIS opens in colour, with class names, overviews and provenance."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from conftest import write_raster
+from rio_cogeo.cogeo import cog_validate
+
+from pipeline import outputs
+from pipeline.outputs import (
+    MaskFiles,
+    category_names,
+    finalize_confidence,
+    finalize_mask,
+    finalize_probabilities,
+    quicklook_shape,
+    write_quicklook,
+)
+from unet_flax.checkpoint import ClassInfo, ModelCard
+from unet_flax.model import UNetConfig
+
+# Codes with gaps, so category names need empty entries; a name that needs XML escaping.
+CARD = ModelCard(
+    name="tiny", unet=UNetConfig(in_bands=4, num_classes=3, depth=2, base_width=4),
+    band_names=("blue", "green", "red", "nir"),
+    classes=(ClassInfo(0, "water", "#1f78b4"), ClassInfo(3, "forest & <wood>", "#33a02c"),
+             ClassInfo(10, "bare soil", "#b07b4f")),
+    mean=(0.5,) * 4, std=(0.25,) * 4,
+)
+PROVENANCE = {
+    "TILEPIPE_MODEL": "tiny", "TILEPIPE_MODEL_SHA256": "ab" * 32, "TILEPIPE_WORKFLOW_SHA256": "cd" * 32,
+    "TILEPIPE_VERSION": "0.1.0", "TILEPIPE_INPUT": "scene_a.tif", "TILEPIPE_INPUT_SHA256": "ef" * 32,
+    "TILEPIPE_RUN_ID": "run-1", "TILEPIPE_TIME": "2024-05-01T10:00:00+00:00",
+}
+CODES = {0, 3, 10, 255}
+
+
+def checker_mask(height: int = 600, width: int = 600) -> np.ndarray:
+    """Codes 0 and 10 alternating pixel by pixel (averaging would make 5), a block of 3, nodata rows."""
+    rows, cols = np.indices((height, width))
+    codes = np.where((rows + cols) % 2 == 0, 0, 10).astype(np.uint8)
+    codes[height // 2 :, width // 2 :] = 3
+    codes[:40] = 255
+    return codes
+
+
+def tmp_raster(tmp_path: Path, data: np.ndarray, crs: str | None = "utm", name: str = "tmp-classes.tif") -> Path:
+    data = data if data.ndim == 3 else data[None]
+    (tmp_path / "work").mkdir(exist_ok=True)
+    return write_raster(tmp_path / "work" / name, data, crs=crs, nodata=255)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A 600x600 UTM mask finalized into ``out/``; returns (source codes, dest)."""
+    codes = checker_mask()
+    (tmp_path / "out").mkdir()
+    return codes, finalize_mask(tmp_raster(tmp_path, codes), tmp_path / "out" / "scene_a.tif", CARD, PROVENANCE)
+
+
+@pytest.mark.parametrize("crs", ["utm", "geographic", None])
+def test_mask_is_a_valid_cog_with_the_input_grid_and_pixels(tmp_path, crs):
+    codes = checker_mask()
+    tmp = tmp_raster(tmp_path, codes, crs)
+    dest = finalize_mask(tmp, tmp_path / "mask.tif", CARD, PROVENANCE)
+    valid, errors, _ = cog_validate(dest, quiet=True)
+    assert valid and not errors
+    with rasterio.open(tmp) as src, rasterio.open(dest) as out:
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+        assert out.count == 1 and out.dtypes == ("uint8",) and out.nodata == 255
+        assert out.block_shapes == [(256, 256)] and out.compression.name == "deflate"
+        np.testing.assert_array_equal(out.read(1), codes)
+
+
+def test_overviews_are_built_by_mode_so_they_hold_only_class_codes(finished):
+    _, dest = finished
+    with rasterio.open(dest) as src:
+        assert src.overviews(1) == [2, 4]
+        assert src.tags()["OVERVIEW_RESAMPLING"] == "MODE"
+    for level in range(2):
+        with rasterio.open(dest, overview_level=level) as ovr:
+            values = set(np.unique(ovr.read(1)).tolist())
+            assert values <= CODES and {3, 255} <= values and values & {0, 10}  # an average would give 5
+
+
+def test_colour_table_has_each_class_colour_and_transparent_nodata(finished):
+    _, dest = finished
+    with rasterio.open(dest) as src:
+        assert src.colorinterp[0].name == "palette"
+        table = src.colormap(1)
+    for c in CARD.classes:
+        assert table[c.code] == (*c.rgb, 255)
+    assert table[255][3] == 0
+
+
+def test_gdal_reads_back_category_names_and_attribute_table_from_the_pam_sidecar(tmp_path, finished):
+    _, dest = finished
+    # GDAL copying the mask to a VRT serialises what it read: names come back through GDAL itself.
+    rasterio.shutil.copy(dest, tmp_path / "back.vrt", driver="VRT")
+    band = ET.parse(tmp_path / "back.vrt").getroot().find("VRTRasterBand")
+    names = [c.text or "" for c in band.find("CategoryNames")]
+    assert names == category_names(CARD) == ["water", "", "", "forest & <wood>", "", "", "", "", "", "", "bare soil"]
+    rows = [[f.text for f in row] for row in band.find("GDALRasterAttributeTable").findall("Row")]
+    assert rows == [[str(c.code), c.name, *map(str, c.rgb)] for c in CARD.classes]
+    # A TIFF cannot hold them: without the sidecar the names are gone, the band tags stay.
+    MaskFiles(dest).aux.unlink()
+    rasterio.shutil.copy(dest, tmp_path / "bare.vrt", driver="VRT")
+    assert ET.parse(tmp_path / "bare.vrt").getroot().find("VRTRasterBand/CategoryNames") is None
+    with rasterio.open(dest) as src:
+        assert src.tags(1)["CLASS_3_NAME"] == "forest & <wood>" and src.tags(1)["CLASS_10_COLOR"] == "#b07b4f"
+        assert src.descriptions == ("class (tiny)",)
+
+
+def test_every_raster_output_carries_the_provenance_tags(tmp_path, finished):
+    _, dest = finished
+    conf = finalize_confidence(tmp_raster(tmp_path, np.full((20, 30), 70, np.uint8), name="c.tif"),
+                               tmp_path / "out" / "scene_a.confidence.tif", PROVENANCE)
+    probs = finalize_probabilities(tmp_raster(tmp_path, np.full((3, 20, 30), 30, np.uint8), name="p.tif"),
+                                   tmp_path / "out" / "scene_a.probabilities.tif", CARD, PROVENANCE)
+    for path in (dest, conf, probs, MaskFiles(dest).quicklook):
+        with rasterio.open(path) as src:
+            assert PROVENANCE.items() <= src.tags().items(), path
+
+
+def test_qgis_style_lists_every_class_with_its_colour_and_name(finished):
+    _, dest = finished
+    root = ET.parse(MaskFiles(dest).style).getroot()
+    renderer = root.find("pipe/rasterrenderer")
+    assert root.tag == "qgis" and renderer.get("type") == "paletted" and renderer.get("band") == "1"
+    entries = [(int(e.get("value")), e.get("color"), e.get("label")) for e in renderer.iter("paletteEntry")]
+    assert entries == [(c.code, c.color, c.name) for c in CARD.classes]
+
+
+def test_quicklook_renders_the_embedded_colour_table_with_transparent_nodata(tmp_path):
+    codes = np.full((1000, 600), 255, np.uint8)  # quadrants: water, forest, bare, nodata
+    codes[:500, :300], codes[:500, 300:], codes[500:, :300] = 0, 3, 10
+    dest = finalize_mask(tmp_raster(tmp_path, codes), tmp_path / "m.tif", CARD, PROVENANCE)
+    with rasterio.open(MaskFiles(dest).quicklook) as png:
+        assert png.driver == "PNG" and (png.height, png.width) == quicklook_shape(1000, 600, 512) == (512, 307)
+        rgba = png.read()
+    expected = {(128, 75): (*CARD.classes[0].rgb, 255), (128, 230): (*CARD.classes[1].rgb, 255),
+                (384, 75): (*CARD.classes[2].rgb, 255), (384, 230): (0, 0, 0, 0)}
+    for (row, col), colour in expected.items():
+        assert tuple(rgba[:, row, col]) == colour
+    again = write_quicklook(dest, tmp_path / "small.png", max_size=64)
+    with rasterio.open(again) as png:
+        assert (png.height, png.width) == (64, 38)
+
+
+def test_sidecars_are_published_beside_the_mask_and_nothing_partial_is_left(finished):
+    _, dest = finished
+    names = sorted(p.name for p in dest.parent.iterdir())
+    assert names == ["scene_a.png", "scene_a.qml", "scene_a.tif", "scene_a.tif.aux.xml"]
+
+
+def test_a_failure_leaves_no_partial_files_and_keeps_the_previous_mask(tmp_path, finished, monkeypatch):
+    codes, dest = finished
+    before = {p.name: p.read_bytes() for p in dest.parent.iterdir()}
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(outputs, "_render_quicklook", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        finalize_mask(tmp_raster(tmp_path, codes[::-1].copy(), name="again.tif"), dest, CARD, PROVENANCE)
+    assert {p.name: p.read_bytes() for p in dest.parent.iterdir()} == before
+
+
+def test_a_missing_input_raises_and_writes_nothing(tmp_path):
+    with pytest.raises(rasterio.errors.RasterioIOError):
+        finalize_mask(tmp_path / "gone.tif", tmp_path / "m.tif", CARD, PROVENANCE)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", [np.zeros((2, 8, 8), np.uint8), np.zeros((1, 8, 8), np.uint16)])
+def test_a_mask_must_be_one_uint8_band(tmp_path, data):
+    tmp = tmp_raster(tmp_path, data)
+    with pytest.raises(ValueError, match="tmp-classes.tif: a class mask must have 1 uint8 band"):
+        finalize_mask(tmp, tmp_path / "m.tif", CARD, PROVENANCE)
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_confidence_is_a_percent_cog_with_averaged_overviews(tmp_path):
+    conf = np.full((600, 600), 40, np.uint8)
+    conf[:, 1::2] = 60  # averaging gives 50; nodata rows stay nodata
+    conf[:8] = 255
+    dest = finalize_confidence(tmp_raster(tmp_path, conf), tmp_path / "a.confidence.tif", PROVENANCE)
+    assert cog_validate(dest, quiet=True)[0]
+    with rasterio.open(dest) as src:
+        assert src.nodata == 255 and src.dtypes == ("uint8",) and src.units == ("%",)
+        assert src.overviews(1) == [2, 4] and src.descriptions == ("confidence",)
+        np.testing.assert_array_equal(src.read(1), conf)
+    with rasterio.open(dest, overview_level=0) as ovr:
+        half = ovr.read(1)
+    assert (half[:4] == 255).all() and (half[4:] == 50).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.confidence.tif", "work"]
+
+
+def test_probabilities_have_one_named_band_per_class(tmp_path):
+    probs = np.stack([np.full((40, 50), v, np.uint8) for v in (10, 60, 30)])
+    dest = finalize_probabilities(tmp_raster(tmp_path, probs), tmp_path / "a.probabilities.tif", CARD, PROVENANCE)
+    assert cog_validate(dest, quiet=True)[0]
+    with rasterio.open(dest) as src:
+        assert src.count == 3 and src.nodata == 255 and src.shape == (40, 50)
+        assert src.descriptions == tuple(f"probability of {c.name}" for c in CARD.classes)
+        assert [src.tags(b)["CLASS_CODE"] for b in (1, 2, 3)] == ["0", "3", "10"]
+        np.testing.assert_array_equal(src.read(), probs)
+    with pytest.raises(ValueError, match="must have 3 uint8 band"):
+        finalize_probabilities(tmp_raster(tmp_path, probs[:2], name="two.tif"), tmp_path / "b.tif", CARD, PROVENANCE)

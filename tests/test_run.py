@@ -1,0 +1,132 @@
+"""`tilepipe run` end to end on directories of real small GeoTIFFs."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+
+from conftest import scene, write_raster
+from pipeline.cli import main
+
+
+def run(workflow, *extra):
+    return main(["run", str(workflow), "--no-progress", *extra])
+
+
+def assert_same_grid(src_path, out_path):
+    with rasterio.open(src_path) as src, rasterio.open(out_path) as out:
+        assert (out.width, out.height) == (src.width, src.height)
+        assert out.crs == src.crs
+        assert out.transform == src.transform
+        assert out.count == 1 and out.dtypes[0] == "uint8" and out.nodata == 255
+
+
+def input_validity(path):
+    with rasterio.open(path) as src:
+        valid = np.all(src.read_masks() > 0, axis=0)
+        data = src.read()
+        if np.issubdtype(data.dtype, np.floating):
+            valid &= np.all(np.isfinite(data), axis=0)
+    return valid
+
+
+@pytest.mark.parametrize("crs", ["utm", "geographic", "webmercator"])
+@pytest.mark.parametrize("dtype, scale", [("uint8", 1 / 255), ("int16", 1 / 20000), ("uint16", 1 / 10000), ("float32", 1.0)])
+def test_every_input_gets_a_mask_on_its_own_grid(tmp_path, make_workflow, crs, dtype, scale):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shapes = {"tiny": (5, 7), "odd": (45, 71)}
+    for i, (name, shape) in enumerate(shapes.items()):
+        write_raster(inputs / f"{name}.tif", scene(*shape, dtype=dtype, seed=i), crs=crs, tiled=(i % 2 == 0))
+    wf = make_workflow(inputs, normalise={"scale": scale})
+    assert run(wf) == 0
+    for name in shapes:
+        assert_same_grid(inputs / f"{name}.tif", tmp_path / "out" / f"{name}.tif")
+        with rasterio.open(tmp_path / "out" / f"{name}.tif") as out:
+            assert set(np.unique(out.read(1))) <= {0, 1, 2}
+
+
+def test_nodata_is_exactly_where_the_input_has_none(tmp_path, make_workflow):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    data = scene(60, 50, dtype="float32")
+    data[:, :10, :7] = -9999.0
+    data[2, 30, 30] = np.nan
+    write_raster(inputs / "nodata.tif", data, nodata=-9999.0)
+    mask = np.ones((40, 40), bool)
+    mask[5:15, 20:] = False
+    write_raster(inputs / "masked.tif", scene(40, 40), mask=mask)
+    assert run(make_workflow(inputs, normalise={"scale": 1.0})) == 0
+    for name in ("nodata", "masked"):
+        with rasterio.open(tmp_path / "out" / f"{name}.tif") as out:
+            written = out.read(1)
+        np.testing.assert_array_equal(written == 255, ~input_validity(inputs / f"{name}.tif"))
+
+
+def test_a_bad_file_fails_alone_and_leaves_nothing(tmp_path, make_workflow, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "good.tif", scene(40, 40))
+    (inputs / "corrupt.tif").write_bytes(b"II*\x00" + b"\x13" * 300)
+    (inputs / "empty.tif").write_bytes(b"")
+    write_raster(inputs / "short.tif", scene(20, 20, bands=2))
+    report_path = tmp_path / "report.json"
+    assert run(make_workflow(inputs), "--report", str(report_path)) == 1
+    report = json.loads(report_path.read_text())
+    status = {entry["input"].rsplit("/", 1)[-1]: entry for entry in report["files"]}
+    assert status["good.tif"]["status"] == "ok"
+    for bad in ("corrupt.tif", "empty.tif", "short.tif"):
+        assert status[bad]["status"] == "failed"
+        assert status[bad]["error"].startswith(f"{bad}: ") and "\n" not in status[bad]["error"]
+        assert not (tmp_path / "out" / bad).exists()
+    assert report["summary"] == {"ok": 1, "skipped": 0, "failed": 3}
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    err = capsys.readouterr().err
+    assert "FAILED corrupt.tif" in err and "FAILED empty.tif" in err
+
+
+def test_inputs_without_a_crs_are_written_without_one_with_a_warning(tmp_path, make_workflow, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "plain.tif", scene(30, 30), crs=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run(make_workflow(inputs)) == 0
+    assert "no CRS" in capsys.readouterr().err
+    with rasterio.open(tmp_path / "out" / "plain.tif") as out:
+        assert out.crs is None
+
+
+def test_tile_size_does_not_change_the_result(tmp_path, make_workflow):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "big.tif", scene(150, 170, seed=4))
+    wf = make_workflow(inputs)
+    results = {}
+    for tile in (32, 96):
+        out = tmp_path / f"out{tile}"
+        assert run(wf, "--tile", str(tile), "--output", str(out)) == 0
+        with rasterio.open(out / "big.tif") as src:
+            results[tile] = src.read(1)
+    assert (results[32] == results[96]).mean() >= 0.9999
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile", "30"], "multiple of the model's down-sampling factor"),
+    (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
+    (["--set", "tiling.halo=-4"], "tiling.halo"),
+])
+def test_usage_errors_exit_2_with_the_field(tmp_path, make_workflow, capsys, args, message):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    assert run(make_workflow(inputs), *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_directory_is_not_an_error(tmp_path, make_workflow, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    assert run(make_workflow(inputs)) == 0
+    assert "no input matched" in capsys.readouterr().err
