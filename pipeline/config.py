@@ -67,7 +67,16 @@ class NormaliseSection(Section):
 class TilingSection(Section):
     tile: int = Field(256, ge=16, le=8192, description="core tile size in pixels")
     halo: int = Field(64, ge=0, le=1024, description="context pixels read on every side")
-    batch: int = Field(8, ge=1, le=1024, description="tiles per compiled batch")
+    batch: int | Literal["auto"] = Field(8, description="tiles per compiled batch, or auto: the largest power "
+                                         "of two that still speeds the model up (probed once, remembered in "
+                                         "runtime.compilation_cache)")
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_range(cls, batch: int | str) -> int | str:
+        if isinstance(batch, int) and not 1 <= batch <= 1024:
+            raise ValueError("batch must be auto or an integer in 1..1024")
+        return batch
 
 
 class DaskSection(Section):
@@ -78,11 +87,29 @@ class DaskSection(Section):
     processes: bool = False
     max_tasks_in_flight: int = Field(4, ge=1, description="batches submitted but not yet written")
     retries: int = Field(2, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Worker resources one inference task holds, e.g. ``{GPU: 1}``: on a cluster such tasks run
+    only on workers started with ``--resources GPU=1``; a local cluster's workers are given
+    ``threads`` of each, so a local run keeps its parallelism."""
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        if any(amount <= 0 for amount in resources.values()):
+            raise ValueError("resource amounts must be > 0")
+        return resources
 
 
 class RuntimeSection(Section):
     compilation_cache: Path | None = Path("~/.cache/tilepipe/jax")
     """Persistent JAX compilation cache; null turns it off."""
+    precision: Literal["float32", "bfloat16", "auto"] = "auto"
+    """Compute dtype of the model: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+
+
+class StateSection(Section):
+    dir: Path | None = None
+    """Run ledger (SQLite) and lock file; none means ``<output.dir>/.tilepipe``."""
 
 
 class Workflow(Section):
@@ -97,6 +124,7 @@ class Workflow(Section):
     tiling: TilingSection = TilingSection()
     dask: DaskSection = DaskSection()
     runtime: RuntimeSection = RuntimeSection()
+    state: StateSection = StateSection()
     report: Path | None = None
 
     @field_validator("bands")
@@ -111,6 +139,11 @@ class Workflow(Section):
         self.normalise.per_band(len(self.bands))
         return self
 
+    @property
+    def state_dir(self) -> Path:
+        """Where the run ledger and the lock live."""
+        return self.state.dir or self.output.dir / ".tilepipe"
+
     def digest(self) -> str:
         """Stable hash of the validated content (paths included), for provenance and reruns."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -119,7 +152,7 @@ class Workflow(Section):
 
 S = TypeVar("S", bound=BaseModel)
 
-PATH_FIELDS = ("input.dir", "output.dir", "model.checkpoint", "report", "runtime.compilation_cache")
+PATH_FIELDS = ("input.dir", "output.dir", "model.checkpoint", "report", "runtime.compilation_cache", "state.dir")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:

@@ -4,23 +4,40 @@ One :class:`Predictor` per process and checkpoint: parameters are put on the dev
 the forward pass is compiled once for ``(batch, S, S, bands)``, and a short batch is padded
 to that shape rather than compiled again. The output is only the core of each tile, as
 uint8 class codes and confidences, so little crosses back from the device.
+
+With several devices visible the batch is sharded across them along its first axis
+(``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
+is rounded up to a multiple of the device count. ``precision`` picks the compute dtype
+(``auto``: bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units).
+:func:`auto_batch` finds the largest batch that still speeds the forward pass up and
+remembers it next to the compilation cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.windows import TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
+
+PRECISIONS = ("float32", "bfloat16", "auto")
+CONVS = ("xla", "matmul", "auto")
+AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -39,6 +56,27 @@ def configure_jax(cache_dir: str | None) -> None:
         _configured.add(cache_dir)
 
 
+def resolve_precision(precision: str, backend: str | None = None) -> str:
+    """``float32``/``bfloat16`` as given; ``auto`` is bfloat16 on accelerators, float32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def resolve_conv(conv: str, backend: str | None = None) -> str:
+    """The convolution lowering; ``auto`` is XLA's own convolutions on every backend.
+
+    The patches-and-matmul form (``matmul``) measured slower than XLA's CPU convolutions on
+    the 2-core AMD EPYC (AVX2) development machine, so it is opt-in; see
+    ``unet_flax.model`` for what it does.
+    """
+    if conv not in CONVS:
+        raise ValueError(f"conv must be one of {', '.join(CONVS)}, got {conv!r}")
+    return "xla" if conv == "auto" else conv
+
+
 def device_description() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
@@ -55,22 +93,38 @@ class Prediction:
 
 
 class Predictor:
-    """The compiled forward pass of one checkpoint at one batch shape."""
+    """The compiled forward pass of one checkpoint at one batch shape.
 
-    def __init__(self, checkpoint: Checkpoint, spec: TileSpec, batch: int, probabilities: bool = False):
+    ``batch`` is rounded up to a multiple of the number of ``devices`` (default: all visible
+    devices of the default backend); with more than one device the batch is sharded along
+    its first axis and the parameters are replicated.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, spec: TileSpec, batch: int, probabilities: bool = False, *,
+                 precision: str = "float32", conv: str = "auto", devices: Sequence[jax.Device] | None = None):
         self.card = checkpoint.card
         self.spec = spec
-        self.batch = batch
-        self.input_shape = (batch, spec.read_size, spec.read_size, checkpoint.card.unet.in_bands)
+        self.devices = tuple(devices if devices is not None else jax.devices())
+        backend = self.devices[0].platform
+        self.precision = resolve_precision(precision, backend)
+        self.conv = resolve_conv(conv, backend)
+        n = len(self.devices)
+        self.batch = -(-batch // n) * n
+        self.input_shape = (self.batch, spec.read_size, spec.read_size, checkpoint.card.unet.in_bands)
+        mesh = Mesh(np.array(self.devices), ("data",))
+        self.input_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
         graphdef, state = nnx.split(checkpoint.model)
-        self._state = jax.device_put(state)
+        self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
         lo, hi = spec.halo, spec.halo + spec.tile
+        dtype, conv_impl = jnp.dtype(self.precision), self.conv
 
-        @jax.jit
+        @functools.partial(jax.jit, in_shardings=(replicated, self.input_sharding),
+                           out_shardings=self.input_sharding)
         def forward(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
             model = nnx.merge(graphdef, state)
-            logits = model(x)[:, lo:hi, lo:hi, :]
+            logits = model(x, conv=conv_impl, dtype=dtype)[:, lo:hi, lo:hi, :]
             probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
             confidence = jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8)
             outputs = (codes[jnp.argmax(logits, axis=-1)], confidence)
@@ -78,15 +132,33 @@ class Predictor:
 
         self._forward = forward
 
-    def __call__(self, x: np.ndarray) -> Prediction:
-        """Predict ``n <= batch`` tiles of shape (n, S, S, bands); the batch is padded."""
+    def pad(self, x: np.ndarray) -> np.ndarray:
+        """``n <= batch`` tiles (n, S, S, bands) padded with zeros to the compiled shape."""
         n = x.shape[0]
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-        outputs = [np.asarray(out)[:n] for out in self._forward(self._state, x)]
+        return x.astype(np.float32, copy=False)
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """A padded batch on the device(s), sharded as the forward pass expects."""
+        return jax.device_put(self.pad(x), self.input_sharding)
+
+    def forward(self, x: jax.Array | np.ndarray) -> tuple[jax.Array, ...]:
+        """The compiled forward pass on a full batch; returns without waiting (async dispatch)."""
+        return self._forward(self._state, x)
+
+    def __call__(self, x: np.ndarray) -> Prediction:
+        """Predict ``n <= batch`` tiles of shape (n, S, S, bands); the batch is padded."""
+        n = x.shape[0]
+        outputs = [np.asarray(out)[:n] for out in self.forward(self.put(x))]
         return Prediction(*outputs)
+
+    def compile(self) -> Any:
+        """Lower and compile the forward pass for the batch shape (uses the persistent cache)."""
+        x = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self.input_sharding)
+        return self._forward.lower(self._state, x).compile()
 
     def compiled_count(self) -> int:
         """How many shapes the forward pass has been compiled for (1 after any use)."""
@@ -94,19 +166,153 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_predictor(path: str, sha256: str, spec: TileSpec, batch: int, probabilities: bool) -> Predictor:
+def _cached_predictor(path: str, sha256: str, spec: TileSpec, batch: int, probabilities: bool,
+                      precision: str, conv: str) -> Predictor:
     checkpoint = load_checkpoint(path)
     if checkpoint.sha256 != sha256:
         raise ValueError(f"{Path(path).name}: checkpoint changed during the run (hash {checkpoint.sha256[:12]})")
-    return Predictor(checkpoint, spec, batch, probabilities)
+    return Predictor(checkpoint, spec, batch, probabilities, precision=precision, conv=conv)
 
 
 def get_predictor(path: str | os.PathLike[str], sha256: str, spec: TileSpec, batch: int,
-                  probabilities: bool = False) -> Predictor:
+                  probabilities: bool = False, precision: str = "auto", conv: str = "auto") -> Predictor:
     """This process's predictor for a checkpoint, loaded and compiled on first use only.
 
     Keyed by the checkpoint's hash, so Dask workers load weights once per process, not
     once per task, and tasks carry only the path.
     """
+    precision, conv = resolve_precision(precision), resolve_conv(conv)  # "auto" shares the resolved entry
     with _lock:
-        return _cached_predictor(str(path), sha256, spec, batch, probabilities)
+        return _cached_predictor(str(path), sha256, spec, batch, probabilities, precision, conv)
+
+
+# --- automatic batch size -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchProbe:
+    """One tried batch size: tiles per second of the forward pass and its compiled memory."""
+
+    batch: int
+    tiles_per_second: float
+    memory_bytes: int | None
+
+
+def memory_budget(device: jax.Device, fraction: float = 0.5) -> int:
+    """Bytes a compiled forward pass may use: ``fraction`` of the device's memory limit, or
+    of the host's available memory on CPU."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(fraction * stats["bytes_limit"])
+    import psutil
+
+    return int(fraction * psutil.virtual_memory().available)
+
+
+def _compiled_bytes(compiled: Any) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # memory_analysis is optional in the PJRT API
+        return None
+
+
+def auto_batch_key(sha256: str, spec: TileSpec, precision: str, conv: str, devices: Sequence[jax.Device]) -> str:
+    """What an automatic batch choice depends on: model, tile shape, precision and hardware."""
+    kinds = ",".join(sorted({d.device_kind for d in devices}))
+    text = json.dumps([sha256, spec.tile, spec.halo, precision, conv, devices[0].platform, kinds, len(devices),
+                       os.cpu_count(), jax.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def probe_batches(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto", conv: str = "auto",
+                  cap: int = 64, min_gain: float = 0.05, budget_bytes: int | None = None,
+                  devices: Sequence[jax.Device] | None = None, repeats: int = 2) -> list[BatchProbe]:
+    """Forward-pass throughput at batch 1, 2, 4, ... up to ``cap``; stops when the gain over
+    the previous size is below ``min_gain`` or the compiled pass would exceed the budget."""
+    devices = tuple(devices if devices is not None else jax.devices())
+    budget = budget_bytes if budget_bytes is not None else memory_budget(devices[0])
+    probes: list[BatchProbe] = []
+    batch = len(devices)
+    rng = np.random.default_rng(0)
+    while batch <= max(cap, len(devices)):
+        predictor = Predictor(checkpoint, spec, batch, precision=precision, conv=conv, devices=devices)
+        used = _compiled_bytes(predictor.compile())
+        if used is not None and used > budget and probes:
+            break
+        x = predictor.put(rng.standard_normal(predictor.input_shape).astype(np.float32))
+        jax.block_until_ready(predictor.forward(x))
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(predictor.forward(x))
+            best = min(best, time.perf_counter() - t0)
+        probes.append(BatchProbe(predictor.batch, predictor.batch / best, used))
+        if len(probes) > 1 and probes[-1].tiles_per_second < (1 + min_gain) * probes[-2].tiles_per_second:
+            break
+        batch *= 2
+    return probes
+
+
+def choose_batch(probes: Sequence[BatchProbe], min_gain: float = 0.05) -> int:
+    """The largest probed batch that was at least ``min_gain`` faster than the one before."""
+    best = probes[0]
+    for previous, probe in zip(probes, probes[1:]):
+        if probe.tiles_per_second >= (1 + min_gain) * previous.tiles_per_second:
+            best = probe
+        else:
+            break
+    return best.batch
+
+
+def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto", conv: str = "auto",
+               cap: int = 64, cache_dir: str | os.PathLike[str] | None = None, min_gain: float = 0.05,
+               budget_bytes: int | None = None, devices: Sequence[jax.Device] | None = None) -> int:
+    """The automatic batch size: a power of two (times the device count) <= ``cap``.
+
+    The choice is stored as JSON in ``cache_dir`` (the compilation cache), keyed by the
+    model's hash, the tile shape, precision and hardware, so later runs do not probe again.
+    """
+    devices = tuple(devices if devices is not None else jax.devices())
+    key = auto_batch_key(checkpoint.sha256, spec, resolve_precision(precision, devices[0].platform),
+                         resolve_conv(conv), devices)
+    store = Path(cache_dir).expanduser() / AUTO_BATCH_FILE if cache_dir else None
+    known: dict[str, Any] = {}
+    if store is not None and store.is_file():
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known.get(key), dict) and isinstance(known[key].get("batch"), int):
+            return min(known[key]["batch"], max(cap, len(devices)))
+    probes = probe_batches(checkpoint, spec, precision=precision, conv=conv, cap=cap, min_gain=min_gain,
+                           budget_bytes=budget_bytes, devices=devices)
+    batch = choose_batch(probes, min_gain)
+    if store is not None:
+        known[key] = {"batch": batch, "probes": [dataclasses.asdict(p) for p in probes],
+                      "device": device_description()}
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".{store.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, store)
+    return batch
+
+
+def resolve_batch(wf: Any) -> Any:
+    """``wf`` with ``tiling.batch: auto`` replaced by the probed (or remembered) batch size.
+
+    For the runner to call once, before planning batches; a fixed batch is returned as is.
+    """
+    if wf.tiling.batch != "auto":
+        return wf
+    checkpoint = load_checkpoint(wf.model.checkpoint)
+    from pipeline.windows import tile_spec
+
+    spec = tile_spec(wf.tiling.tile, wf.tiling.halo, checkpoint.card.unet.factor)
+    cache = wf.runtime.compilation_cache
+    configure_jax(str(cache) if cache else None)
+    batch = auto_batch(checkpoint, spec, precision=wf.runtime.precision, cache_dir=cache)
+    return wf.model_copy(update={"tiling": wf.tiling.model_copy(update={"batch": batch})})

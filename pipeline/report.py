@@ -57,3 +57,34 @@ def write_report(report: RunReport, path: Path) -> Path:
     tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def format_status(status: dict) -> str:
+    """``tilepipe status`` as a table of runs and the failures of the newest run."""
+    runs = status["runs"]
+    if not runs:
+        return f"no runs recorded in {status['ledger']}"
+    header = ("run", "started", "seconds", "status", "ok", "skipped", "failed")
+    rows = [(r["run_id"], r["started"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["status"],
+             str(r["ok"]), str(r["skipped"]), str(r["failed"])) for r in runs]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    numeric = {2, 4, 5, 6}
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    lines = [line(header), *map(line, rows)]
+    if runs[0].get("error"):
+        lines.append(f"\nrun {runs[0]['run_id']} {runs[0]['status']}: {runs[0]['error']}")
+    failed = status["last_run_failed"]
+    if failed:
+        lines.append(f"\nfailed in run {runs[0]['run_id']} ({len(failed)}); retried next run:")
+        lines.extend(f"  {Path(f['input']).name}: {_reason(f)}" for f in failed)
+    return "\n".join(lines)
+
+
+def _reason(failure: dict) -> str:
+    error = failure["error"] or "unknown error"
+    name = Path(failure["input"]).name
+    return error[len(name) + 2:] if error.startswith(f"{name}: ") else error

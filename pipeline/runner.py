@@ -4,6 +4,12 @@ The driver plans tiles, submits a bounded number of batches (memory is set by th
 flight, never by the raster's size), and writes each finished batch into its file's
 temporary GeoTIFF as it arrives. A file becomes a finished output only when all its tiles
 are written; a failure of one file fails that file alone.
+
+A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
+left, skips inputs whose content, result-changing settings and model are unchanged since a
+verified output (:mod:`pipeline.ledger`), and records every input as it ends. Outputs are
+written into a hidden staging folder, reopened and checked, then renamed into place, so a
+run killed at any moment leaves the previous complete output or none.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
+import re
+import resource
+import shutil
 import time
 import uuid
 import warnings
@@ -23,16 +33,22 @@ from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import DaskSection, OutputSection, Workflow
-from pipeline.errors import InputError, WorkflowError
-from pipeline.io import Normaliser, RasterInfo, file_sha256, inspect_raster
 from pipeline import outputs
+from pipeline.config import DaskSection, OutputSection, Workflow
+from pipeline.errors import InputError, TilepipeError, WorkflowError
+from pipeline.io import Normaliser, RasterInfo, file_sha256, inspect_raster
+from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
+from pipeline.lock import describe, hold_lock, lock_path
+from pipeline.logs import RunLog
 from pipeline.outputs import temporary_name
+from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport
 from pipeline.stitch import NODATA
 from pipeline.tasks import BatchJob, BatchResult, predict_batch
+from pipeline.vectors import write_polygons
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
-from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256 as checkpoint_sha256, read_card
+from unet_flax.checkpoint import CheckpointError, ModelCard, read_card
+from unet_flax.checkpoint import file_sha256 as checkpoint_sha256
 
 
 def discover_inputs(directory: Path, pattern: str) -> list[Path]:
@@ -49,8 +65,11 @@ def open_client(cfg: DaskSection) -> Iterator[Client]:
         with Client(cfg.scheduler, timeout="30s") as client:
             yield client
         return
+    resources = {name: amount * cfg.threads for name, amount in cfg.resources.items()} or None
+    # ":0": the scheduler's HTTP endpoint takes any free port instead of contending for 8787.
     with LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=cfg.processes,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+                      resources=resources, dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
+            Client(cluster) as client:
         yield client
 
 
@@ -58,6 +77,7 @@ class MaskSink:
     """The temporary GeoTIFFs of one output; the runner is their only writer."""
 
     def __init__(self, info: RasterInfo, dest: Path, section: OutputSection, num_classes: int):
+        self.info = info
         self.dest = dest
         self.section = section
         self.paths = {"classes": temporary_name(dest, "-classes.tif")}
@@ -68,9 +88,11 @@ class MaskSink:
         if section.probabilities:
             self.paths["probabilities"] = temporary_name(dest, "-probabilities.tif")
             bands["probabilities"] = num_classes
+        self.bands = bands
         block = 256 if min(info.width, info.height) >= 256 else 16
-        profile = dict(driver="GTiff", width=info.width, height=info.height, dtype="uint8", crs=info.crs,
-                       transform=info.transform, nodata=NODATA, tiled=True, blockxsize=block, blockysize=block)
+        profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
+                   "transform": info.transform, "nodata": NODATA, "tiled": True, "blockxsize": block,
+                   "blockysize": block}
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.datasets = {}
         try:
@@ -101,20 +123,106 @@ class MaskSink:
             path.unlink(missing_ok=True)
 
     def finalize(self, card: ModelCard, provenance: dict[str, str]) -> Path:
-        """Publish the finished COGs (companions first, the mask last) and remove temporaries."""
-        files = outputs.MaskFiles(self.dest)
+        """Publish the finished, verified COGs and remove temporaries.
+
+        The products are written into a hidden staging folder beside the destination, checked
+        there (every block readable, the input's grid), then renamed into place: companions
+        first, the mask last. Any failure leaves the previous outputs as they were.
+        """
+        stage = temporary_name(self.dest, ".d")
         try:
             self.close()
+            for name, path in self.paths.items():
+                verify_raster(path, self.info, self.bands[name])
+            stage.mkdir()
+            staged = outputs.MaskFiles(stage / self.dest.name)
             if "confidence" in self.paths:
-                outputs.finalize_confidence(self.paths["confidence"], files.confidence, provenance)
+                outputs.finalize_confidence(self.paths["confidence"], staged.confidence, provenance)
             if "probabilities" in self.paths:
-                outputs.finalize_probabilities(self.paths["probabilities"], files.probabilities, card, provenance)
-            outputs.finalize_mask(self.paths["classes"], self.dest, card, provenance)
+                outputs.finalize_probabilities(self.paths["probabilities"], staged.probabilities, card, provenance)
+            outputs.finalize_mask(self.paths["classes"], staged.mask, card, provenance)
             if self.section.polygons:
-                outputs.write_polygons(self.dest, files.polygons, card, self.section.simplify)
+                write_polygons(staged.mask, staged.polygons, card, self.section.simplify)
+            verify_raster(staged.mask, self.info, 1)
+            for name, path in (("confidence", staged.confidence), ("probabilities", staged.probabilities)):
+                if name in self.paths:
+                    verify_raster(path, self.info, self.bands[name])
+            publish_staged(stage, staged.mask.name, self.dest.parent)
             return self.dest
+        except Exception as exc:
+            raise explain_write_failure(exc, [*self.paths.values(), stage]) from exc
         finally:
             self.discard()
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def verify_raster(path: Path, info: RasterInfo, count: int) -> None:
+    """Reopen ``path`` and check it: the input's grid, ``count`` bands, every block readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            if (src.width, src.height) != (info.width, info.height) or src.count != count:
+                raise OutputError(f"{path.name}: written {src.count} band(s) of {src.width}x{src.height}, "
+                                  f"expected {count} of {info.width}x{info.height}")
+            if src.crs != info.crs or (info.crs is not None and src.transform != info.transform):
+                raise OutputError(f"{path.name}: written with a different CRS or transform than the input")
+            for _, window in src.block_windows(1):
+                src.read(window=window)
+
+
+def publish_staged(stage: Path, main: str, dest_dir: Path) -> None:
+    """Rename every file in ``stage`` into ``dest_dir``, the file named ``main`` last."""
+    names = sorted(p.name for p in stage.iterdir())
+    for name in sorted(names, key=lambda n: n == main):
+        os.replace(stage / name, dest_dir / name)
+
+
+class OutputError(TilepipeError, OSError):
+    """An output that could not be written completely; the message says why in one line."""
+
+
+def explain_write_failure(exc: Exception, paths: list[Path]) -> Exception:
+    """``exc`` with its cause named when a file-size limit or a full disk explains it."""
+    if isinstance(exc, OutputError):
+        return exc
+    reason = _one_line(exc)
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    sizes = [_size(p) for p in paths]
+    if soft != resource.RLIM_INFINITY and any(s >= soft for s in sizes):
+        return OutputError(f"output not written: file-size limit (ulimit -f) of {soft} bytes reached ({reason})")
+    try:
+        free = shutil.disk_usage(paths[0].parent).free
+    except OSError:
+        free = None
+    if "No space left" in reason or (free is not None and free < 1 << 20):
+        return OutputError(f"output not written: disk full ({free} bytes free in {paths[0].parent}) ({reason})")
+    return exc
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return max((p.stat().st_size for p in path.iterdir()), default=0)
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+PARTIAL = re.compile(r"^\..+\.\d+\.partial")
+
+
+def clean_partials(directory: Path) -> list[Path]:
+    """Remove temporaries that killed runs left in ``directory`` (call only while holding its lock)."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if PARTIAL.match(path.name):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 @dataclasses.dataclass
@@ -125,10 +233,12 @@ class FileJob:
     output: Path
     jobs: list[BatchJob]
     warnings: tuple[str, ...]
+    fingerprint: Fingerprint | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     remaining: int = 0
     sink: MaskSink | None = None
     error: str | None = None
+    done: bool = False
 
     def record(self, status: str, output: Path | None = None) -> FileRecord:
         return FileRecord(input=str(self.info.path), status=status, output=str(output) if output else None,
@@ -156,6 +266,18 @@ def load_model_ref(wf: Workflow) -> ModelRef:
     return ModelRef(wf.model.checkpoint, checkpoint_sha256(wf.model.checkpoint), card)
 
 
+def output_path(wf: Workflow, path: Path) -> Path:
+    return wf.output.dir / f"{path.stem}.tif"
+
+
+def expected_outputs(wf: Workflow, dest: Path) -> list[Path]:
+    """The files a finished output of ``dest`` has under this workflow."""
+    files = outputs.MaskFiles(dest)
+    wanted = [(True, files.mask), (wf.output.confidence, files.confidence),
+              (wf.output.probabilities, files.probabilities), (wf.output.polygons, files.polygons)]
+    return [path for on, path in wanted if on]
+
+
 def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> FileJob:
     """Inspect one input and cut it into batch jobs; :class:`InputError` if it cannot run."""
     info = inspect_raster(path, wf.bands)
@@ -166,7 +288,7 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache)
             for group in batches(plan_tiles(info.width, info.height, spec), wf.tiling.batch)]
-    return FileJob(info, wf.output.dir / f"{path.stem}.tif", jobs, notes, remaining=len(jobs))
+    return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
 
 def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict[str, str]:
@@ -176,15 +298,45 @@ def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict
         "TILEPIPE_WORKFLOW_SHA256": wf.digest(),
         "TILEPIPE_VERSION": pipeline.__version__,
         "TILEPIPE_INPUT": job.info.path.name,
-        "TILEPIPE_INPUT_SHA256": file_sha256(job.info.path),
+        "TILEPIPE_INPUT_SHA256": job.fingerprint.sha256 if job.fingerprint else file_sha256(job.info.path),
         "TILEPIPE_RUN_ID": run_id,
-        "TILEPIPE_TIME": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "TILEPIPE_TIME": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], None] = print) -> RunReport:
-    """Run ``wf`` over its input directory; per-file failures are recorded, not raised."""
-    started_at = dt.datetime.now(dt.timezone.utc)
+@dataclasses.dataclass
+class RunContext:
+    """What every step of one run shares: the workflow, the model, the ledger and the log."""
+
+    wf: Workflow
+    model: ModelRef
+    spec: TileSpec
+    run_id: str
+    key: str
+    ledger: Ledger
+    log: RunLog
+    records: list[FileRecord] = dataclasses.field(default_factory=list)
+
+    def finish(self, record: FileRecord, fp: Fingerprint | None) -> None:
+        """Record one input's outcome in the report, the ledger and the log."""
+        self.records.append(record)
+        self.ledger.record(self.run_id, record, fp)
+        if record.status == "ok" and fp is not None and record.output:
+            self.ledger.remember_output(self.run_id, record.input, fp, self.key, record.output)
+        self.log.file(record)
+
+
+def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], None] | None = None,
+                 force: bool = False, log: RunLog | None = None) -> RunReport:
+    """Run ``wf`` over its input directory; per-file failures are recorded, not raised.
+
+    Holds the workflow's lock for the whole run (:class:`~pipeline.lock.LockHeld` if another
+    run has it), skips inputs whose outputs are current unless ``force``, and records the run
+    and every input in the ledger. An exception (an interrupt included) leaves no temporary
+    file behind and marks the run ``interrupted`` in the ledger before it propagates.
+    """
+    log = log or RunLog(notes=echo)
+    started_at = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     model = load_model_ref(wf)
@@ -194,40 +346,97 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         raise WorkflowError(str(exc)) from exc
     if wf.output.dir.resolve() == wf.input.dir.resolve():
         raise WorkflowError("output.dir: must differ from input.dir (outputs would be read as inputs next run)")
+    inputs = discover_inputs(wf.input.dir, wf.input.pattern)
     if spec.halo < model.card.unet.receptive_radius:
-        echo(f"note: halo {spec.halo} < receptive radius {model.card.unet.receptive_radius} px of the model; "
-             "tile seams may differ slightly from whole-image inference")
+        log.note(f"note: halo {spec.halo} < receptive radius {model.card.unet.receptive_radius} px of the model; "
+                 "tile seams may differ slightly from whole-image inference")
 
-    records: list[FileRecord] = []
-    files: list[FileJob] = []
-    for path in discover_inputs(wf.input.dir, wf.input.pattern):
+    wf.output.dir.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path(wf.state_dir, wf.output.dir), what=f"workflow {wf.name!r} ({wf.output.dir})") as stale, \
+            Ledger.of(wf) as ledger:
+        if stale:
+            log.note(f"note: took over the lock of a run that died ({describe(stale)})")
+        removed = clean_partials(wf.output.dir)
+        if removed:
+            log.note(f"note: removed {len(removed)} temporary file(s) left by an interrupted run")
+        key = result_key(wf, model.sha256)
+        ledger.start_run(run_id, wf, key, model.sha256, started_at.isoformat(timespec="seconds"), force)
+        ctx = RunContext(wf, model, spec, run_id, key, ledger, log)
         try:
-            files.append(plan_file(path, wf, model, spec))
-        except InputError as exc:
-            records.append(FileRecord(input=str(path), status="failed", error=str(exc)))
+            device = _run_inputs(ctx, inputs, force, progress)
+        except BaseException as exc:  # SIGINT/SIGTERM arrive as BaseExceptions; anything else is a crash
+            status, error = ("crashed", _one_line(exc)) if isinstance(exc, Exception) else ("interrupted", None)
+            ledger.finish_run(run_id, status, round(time.perf_counter() - t0, 3), error)
+            raise
+        seconds = round(time.perf_counter() - t0, 3)
+        ledger.finish_run(run_id, "finished", seconds)
+    records = sorted(ctx.records, key=lambda r: r.input)
+    return RunReport(run_id=run_id, workflow=wf.name, started=started_at.isoformat(timespec="seconds"),
+                     seconds=seconds, device=device, files=tuple(records))
+
+
+def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:
+    wf = ctx.wf
+    files: list[FileJob] = []
+    for path in inputs:
+        job = _plan_or_skip(ctx, path, force)
+        if job is not None:
+            files.append(job)
     for job in files:
         for note in job.warnings:
-            echo(f"warning: {note}")
-    if not files and not records:
-        echo(f"warning: no input matched {wf.input.pattern!r} in {wf.input.dir}")
+            ctx.log.note(f"warning: {note}")
+    if not inputs:
+        ctx.log.note(f"warning: no input matched {wf.input.pattern!r} in {wf.input.dir}")
 
     device = None
     if files:
         with open_client(wf.dask) as client:
-            device = _execute(client, files, wf, model, run_id, progress, echo)
-    records.extend(job.record("ok" if job.error is None else "failed",
-                              job.output if job.error is None else None) for job in files)
-    finished = [job.output for job in files if job.error is None]
-    if finished and wf.output.run_products:
-        outputs.write_run_products(wf.output.dir, finished, model.card, run_id)
-    records.sort(key=lambda r: r.input)
-    return RunReport(run_id=run_id, workflow=wf.name, started=started_at.isoformat(timespec="seconds"),
-                     seconds=round(time.perf_counter() - t0, 3), device=device, files=tuple(records))
+            try:
+                device = _execute(client, files, ctx, progress)
+            finally:
+                for job in files:  # an interrupt or a bug: no temporary survives
+                    if job.sink is not None and not job.done:
+                        job.sink.discard()
+    finished = [Path(r.output) for r in ctx.records if r.status in ("ok", "skipped") and r.output]
+    if wf.output.run_products and any(r.status == "ok" for r in ctx.records):
+        try:
+            write_run_products(wf.output.dir, sorted(finished), ctx.model.card, ctx.run_id)
+        except Exception as exc:  # noqa: BLE001  # the masks are done; say what is missing
+            ctx.log.note(f"error: run products (mosaics, STAC) not written: {_one_line(exc)}")
+    return device
 
 
-def _execute(client: Client, files: list[FileJob], wf: Workflow, model: ModelRef, run_id: str,
-             progress: bool, echo: Callable[[str], None]) -> str | None:
+def _plan_or_skip(ctx: RunContext, path: Path, force: bool) -> FileJob | None:
+    """A job for ``path``, or None when it was skipped or failed already (and recorded)."""
+    t0 = time.perf_counter()
+    dest = output_path(ctx.wf, path)
+    known = ctx.ledger.known_output(str(path))
+    try:
+        fp = fingerprint(path, known)
+    except OSError as exc:
+        ctx.finish(FileRecord(input=str(path), status="failed", error=f"{path.name}: cannot read ({exc.strerror})"),
+                   None)
+        return None
+    if (not force and known is not None and known.fingerprint.sha256 == fp.sha256
+            and known.result_key == ctx.key and known.output == str(dest)
+            and all(p.exists() for p in expected_outputs(ctx.wf, dest))):
+        ctx.finish(FileRecord(input=str(path), status="skipped", output=str(dest),
+                              seconds=round(time.perf_counter() - t0, 3)), fp)
+        return None
+    try:
+        job = plan_file(path, ctx.wf, ctx.model, ctx.spec)
+    except InputError as exc:
+        ctx.finish(FileRecord(input=str(path), status="failed", error=str(exc),
+                              seconds=round(time.perf_counter() - t0, 3)), fp)
+        return None
+    job.fingerprint = fp
+    job.started = t0
+    return job
+
+
+def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bool) -> str | None:
     """Submit batches with a bounded number in flight and write results as they arrive."""
+    wf, model = ctx.wf, ctx.model
     queue = iter([(f, job) for f in files for job in f.jobs])
     owner: dict[Future, FileJob] = {}
     in_flight = max(wf.dask.max_tasks_in_flight, 2 * sum(client.nthreads().values()))
@@ -239,47 +448,64 @@ def _execute(client: Client, files: list[FileJob], wf: Workflow, model: ModelRef
     def submit_next() -> None:
         for file, job in queue:
             if file.error is None:
-                future = client.submit(predict_batch, job, pure=False, retries=wf.dask.retries)
+                future = client.submit(predict_batch, job, pure=False, retries=wf.dask.retries,
+                                       resources=dict(wf.dask.resources) or None)
                 owner[future] = file
                 completed.add(future)
                 return
 
     def fail(file: FileJob, reason: str) -> None:
-        file.error = f"{file.info.path.name}: {reason}"
+        file.error = reason if reason.startswith(f"{file.info.path.name}: ") else f"{file.info.path.name}: {reason}"
         if file.sink is not None:
             file.sink.discard()
         for future, other in list(owner.items()):
             if other is file:
                 future.cancel()
-        echo(f"failed: {file.error}")
+        file.done = True
+        ctx.finish(file.record("failed"), file.fingerprint)
 
     for _ in range(in_flight):
         submit_next()
     done = 0
-    with bar:
-        for future in completed:
-            file = owner.pop(future)
-            if file.error is None:
-                try:
-                    result = future.result()
-                    if file.sink is None:
-                        file.sink = MaskSink(file.info, file.output, wf.output, model.card.unet.num_classes)
-                    file.sink.write(result)
-                    file.remaining -= 1
-                    if device is None:
-                        device = result.device
-                        bar.write(f"model {model.card.name} on {device}")
-                    bar.update(len(result.tiles))
-                    if file.remaining == 0:
-                        file.sink.finalize(model.card, provenance(wf, model, file, run_id))
-                        done += 1
-                        bar.set_description(f"{done}/{len(files)} files")
-                except Exception as exc:  # a file's failure must not sink the run
-                    fail(file, _one_line(exc))
-            submit_next()
+    try:
+        with bar:
+            for future in completed:
+                file = owner.pop(future)
+                if file.error is None:
+                    try:
+                        result = future.result()
+                        if file.sink is None:
+                            file.sink = MaskSink(file.info, file.output, wf.output, model.card.unet.num_classes)
+                        file.sink.write(result)
+                        file.remaining -= 1
+                        if device is None:
+                            device = result.device
+                            ctx.log.note(f"model {model.card.name} on {device}")
+                        bar.update(len(result.tiles))
+                        if file.remaining == 0:
+                            file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
+                            file.done = True
+                            ctx.finish(file.record("ok", file.output), file.fingerprint)
+                            done += 1
+                            bar.set_description(f"{done}/{len(files)} files")
+                    except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
+                        if file.sink is not None:
+                            exc = explain_write_failure(exc, list(file.sink.paths.values()))
+                        fail(file, _one_line(exc))
+                submit_next()
+    finally:
+        for future in owner:
+            future.cancel()
     return device
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, TilepipeError):
+        text = str(exc).strip().splitlines()
+        return text[0] if text else exc.__class__.__name__
     text = str(exc).strip().splitlines()
+    cause = exc.__cause__ or exc.__context__
+    if text and cause is not None and "See previous exception" in text[0] and str(cause).strip():
+        # rasterio's "Write failed. See previous exception for details.": say what GDAL said
+        text[0] = text[0].split(" See previous exception")[0] + f" ({str(cause).strip().splitlines()[0]})"
     return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__

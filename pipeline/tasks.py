@@ -32,6 +32,7 @@ class BatchJob:
     with_confidence: bool
     with_probabilities: bool
     compilation_cache: str | None
+    precision: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,8 @@ class BatchResult:
 def predict_batch(job: BatchJob) -> BatchResult:
     """Read, normalise and predict ``job.tiles``; runs on a worker."""
     configure_jax(job.compilation_cache)
-    predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities)
+    predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
+                              job.precision)
     inputs, masks = [], []
     with rasterio.open(job.input_path) as src:
         for tile in job.tiles:

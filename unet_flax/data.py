@@ -107,7 +107,7 @@ def read_image(
     return image, valid, grid, tuple(names[i] for i in picks)
 
 
-def _open(path: Path, what: str):  # noqa: ANN202 - a rasterio dataset
+def _open(path: Path, what: str) -> rasterio.io.DatasetReader:
     try:
         return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
@@ -335,6 +335,15 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) ->
     return np.ascontiguousarray(image), np.ascontiguousarray(targets)
 
 
+def radiometric_jitter(image: np.ndarray, valid: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """A normalised ``(H, W, B)`` patch with a random gain and offset per band on its valid pixels,
+    as between acquisitions or across a scene."""
+    bands = image.shape[-1]
+    gain = np.exp(rng.normal(0.0, scale, bands)).astype(np.float32)
+    offset = rng.normal(0.0, scale, bands).astype(np.float32)
+    return np.where(valid[..., None], image * gain + offset, image).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchSampler:
     """Draws batches of normalised, augmented patches; centres favour labelled pixels."""
@@ -345,6 +354,7 @@ class PatchSampler:
     labelled_fraction: float = 0.9
     balance_classes: bool = False
     augment: bool = True
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
         padded = tuple(pad_to(s, self.patch) for s in self.scenes)
@@ -389,6 +399,8 @@ class PatchSampler:
         left = int(np.clip(cx - rng.integers(self.patch), 0, w - self.patch))
         window = (slice(top, top + self.patch), slice(left, left + self.patch))
         image, targets = self._normalised[i][window], scene.targets[window]
+        if self.jitter:
+            image = radiometric_jitter(image, scene.valid[window], self.jitter, rng)
         if self.augment:
             return augment(image, targets, rng)
         return image.copy(), targets.copy()

@@ -28,13 +28,27 @@ from tqdm.auto import tqdm
 from pipeline.errors import WorkflowError
 from unet_flax.checkpoint import ClassInfo, ModelCard, library_versions, save_checkpoint
 from unet_flax.data import (
-    PatchSampler, Scene, Stats, balanced_weights, band_stats, class_counts, dilate, holdout_blocks,
-    holdout_strip, read_scenes, without,
+    PatchSampler,
+    Scene,
+    Stats,
+    balanced_weights,
+    band_stats,
+    class_counts,
+    dilate,
+    holdout_blocks,
+    holdout_strip,
+    read_scenes,
+    without,
 )
 from unet_flax.evaluate import confusion_matrix, predict_scene, scores
 from unet_flax.losses import get_loss
 from unet_flax.model import UNetConfig, create_unet
-from unet_flax.train_config import OptimizerSection, TrainWorkflow, ValidationSection, load_train_workflow
+from unet_flax.train_config import (
+    OptimizerSection,
+    TrainWorkflow,
+    ValidationSection,
+    load_train_workflow,
+)
 
 __all__ = ["TrainResult", "TrainWorkflow", "load_train_workflow", "train"]
 
@@ -91,6 +105,11 @@ def prepare(cfg: TrainWorkflow) -> Prepared:
     return Prepared(scenes, train_scenes, masks, stats, band_names, class_weights, counts)
 
 
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on kernels only, not on biases or batch-norm scales and offsets."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 @functools.lru_cache(maxsize=8)
 def make_optimizer(opt: OptimizerSection) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW on a warm-up + cosine-decay schedule; no decay on
@@ -98,10 +117,9 @@ def make_optimizer(opt: OptimizerSection) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, opt.lr, min(opt.warmup, opt.steps - 1) if opt.steps > 1 else 0, opt.steps, opt.lr * opt.final_fraction
     )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(opt.clip),
-        optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask),
+        optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_decay_mask),
     )
 
 
@@ -228,7 +246,7 @@ def train(cfg: TrainWorkflow, *, progress: bool = True, resume: Path | None = No
     step_fn = make_train_step(graphdef, cfg.loss.kind)
     predict_fn = make_predict(graphdef)
     sampler = PatchSampler(prepared.train, prepared.stats, cfg.sampling.patch, cfg.sampling.labelled_fraction,
-                           cfg.sampling.balance_classes, cfg.sampling.augment)
+                           cfg.sampling.balance_classes, cfg.sampling.augment, cfg.sampling.jitter)
     normalised = tuple(prepared.stats.normalise(s.image, s.valid) for s in prepared.scenes)
     out = cfg.output
     out.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +260,7 @@ def train(cfg: TrainWorkflow, *, progress: bool = True, resume: Path | None = No
         bar.update(1)
         if step % cfg.validation.every and step != cfg.optimizer.steps:
             continue
-        metrics = validate(lambda b: predict_fn(state, b), prepared, normalised, unet.factor, names)
+        metrics = validate(functools.partial(predict_fn, state), prepared, normalised, unet.factor, names)
         entry = {"step": step, "train_loss": round(float(np.mean(losses)), 6), **_summary(metrics)}
         losses = []
         log["history"].append(entry)

@@ -27,7 +27,7 @@ def resolve_package_path(spec: str) -> Path:
     found = importlib.util.find_spec(package) if package.isidentifier() else None
     if found is None or not found.submodule_search_locations:
         raise ValueError(f"{spec}: package {package!r} is not installed (e.g. pip install --no-deps {package})")
-    return Path(list(found.submodule_search_locations)[0]) / rest
+    return Path(next(iter(found.submodule_search_locations))) / rest
 
 
 def _package_paths(value: Any) -> Any:
@@ -70,7 +70,7 @@ class PairSpec(Section):
 class DataSection(Section):
     """Where the scenes are and how to read them."""
 
-    pairs: list[PairSpec] = []
+    pairs: list[PairSpec] = Field(default_factory=list)
     images_dir: Path | None = None
     labels_dir: Path | None = None
     pattern: str = "*.tif"
@@ -157,6 +157,7 @@ class SamplingSection(Section):
     labelled_fraction: float = Field(0.9, ge=0, le=1, description="share of patches centred on a labelled pixel")
     balance_classes: bool = Field(False, description="pick the centre's class uniformly before the pixel")
     augment: bool = True
+    jitter: float = Field(0.0, ge=0, le=1, description="std of a random per-patch, per-band gain (log) and offset (in std units)")
 
 
 class ValidationSection(Section):

@@ -1,0 +1,591 @@
+"""``tilepipe bench``: how fast the model runs here, and how close a whole run comes to it.
+
+One run measures, on one model and one tile setting:
+
+* **model only**: the jitted forward pass on batches already on the device, in megapixels
+  of output (tile cores) per second, and GFLOP/s against a float32 matrix multiply timed
+  in the same process (FLOPs counted analytically, :func:`unet_flax.model.flops_per_pixel`);
+* **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
+  in a child process, so the peak resident memory of its whole process tree is measured
+  alone; the ratio end-to-end / model-only;
+* **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
+* **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
+  second process with the cache the first one filled;
+* **precision**: bfloat16 against float32 class agreement (and bfloat16 speed);
+* **halo overhead**: pixels computed per pixel written;
+* **PyTorch** (``--torch``, when installed): the same U-Net, eager, channels-last,
+  inference mode, timed in the same process on the same batch.
+
+:func:`run_bench` is the tool; :func:`main_bench` parses nothing and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_KEYS = (
+    "device", "model", "tiling", "batch", "matmul", "model_only", "end_to_end", "memory", "compile",
+    "precision", "halo", "torch", "targets",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What one bench run measures; :func:`quick_options` is the seconds-long variant."""
+
+    model: Path | None = None
+    arch: tuple[int, int, int, int] = (4, 32, 4, 8)  # depth, base width, bands, classes
+    size: int = 4096
+    tile: int = 256
+    halo: int = 64
+    batch: int | str = 8
+    precision: str = "float32"
+    conv: str = "auto"
+    torch: bool = False
+    memory_sizes: tuple[int, int] = (2048, 8192)
+    memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
+    min_seconds: float = 3.0  # per timed measurement
+    workdir: Path | None = None
+    quick: bool = False
+
+
+def quick_options(**overrides: Any) -> BenchOptions:
+    """A tiny model and scene: every field of the report, in well under a minute."""
+    base = dict(arch=(2, 8, 4, 3), size=512, tile=64, halo=16, batch=4, memory_sizes=(256, 512),
+                memory_arch=(2, 4, 4, 3), min_seconds=0.2, quick=True)
+    base.update(overrides)
+    return BenchOptions(**base)
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+
+def make_checkpoint(path: Path, arch: tuple[int, int, int, int], seed: int = 0) -> Path:
+    """A randomly initialised U-Net of ``arch`` with a full model card."""
+    from unet_flax.checkpoint import ClassInfo, ModelCard, save_checkpoint
+    from unet_flax.model import UNetConfig, create_unet
+
+    depth, width, bands, classes = arch
+    config = UNetConfig(in_bands=bands, num_classes=classes, depth=depth, base_width=width)
+    model = create_unet(config, seed=seed)
+    model.eval()
+    palette = [f"#{(37 * i) % 256:02x}{(91 * i) % 256:02x}{(173 * i) % 256:02x}" for i in range(classes)]
+    card = ModelCard(name=f"bench-{depth}x{width}", unet=config, band_names=tuple(f"b{i + 1}" for i in range(bands)),
+                     classes=tuple(ClassInfo(i, f"class{i}", palette[i]) for i in range(classes)),
+                     mean=(0.5,) * bands, std=(0.25,) * bands)
+    save_checkpoint(path, model, card)
+    return path
+
+
+def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 512) -> Path:
+    """A ``size`` x ``size`` uint16 GeoTIFF (tiled 256, deflate) written strip by strip, so the
+    whole scene is never in memory."""
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(seed)
+    freqs = rng.uniform(0.005, 0.05, (bands, 2))
+    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint16", tiled=True,
+                   blockxsize=256, blockysize=256, compress="deflate", crs=CRS.from_epsg(32633),
+                   transform=from_origin(500000.0, 4650000.0, 10.0, 10.0))
+    xx = np.arange(size, dtype=np.float32)[None, :]
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, size, strip):
+            h = min(strip, size - row)
+            yy = np.arange(row, row + h, dtype=np.float32)[:, None]
+            data = np.empty((bands, h, size), np.uint16)
+            for b in range(bands):
+                wave = np.sin(xx * freqs[b, 0]) * np.cos(yy * freqs[b, 1])
+                noise = rng.normal(0, 0.15, (h, size)).astype(np.float32)
+                data[b] = np.clip(4000 + 3000 * (wave + noise), 0, 65535).astype(np.uint16)
+            dst.write(data, window=Window(0, row, size, h))
+    return path
+
+
+def matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
+    """Best float32 ``n x n @ n x n`` rate of the default device, in GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    return 2 * n**3 / _best_time(lambda: f(a).block_until_ready(), min_seconds) / 1e9
+
+
+def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
+    """Best wall time of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < min_runs or spent < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best
+
+
+class RssSampler:
+    """Peak resident memory of a process and all its children, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        import psutil
+
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], int, float]:
+    """Run ``python -m pipeline.bench <args>`` and return its JSON, peak tree RSS and wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.bench", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    with RssSampler(proc.pid) as sampler:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {args[0]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), sampler.peak, time.perf_counter() - t0
+
+
+def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
+                   cache: Path, precision: str) -> dict[str, Any]:
+    """The workflow an end-to-end measurement runs, as plain data."""
+    from pipeline.infer import resolve_precision
+    from unet_flax.checkpoint import read_card
+
+    bands = read_card(checkpoint).unet.in_bands
+    return {"name": "bench", "input": {"dir": str(scene_dir)},
+            "output": {"dir": str(out_dir), "run_products": False}, "model": {"checkpoint": str(checkpoint)},
+            "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
+            "tiling": {"tile": tile, "halo": halo, "batch": batch},
+            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision)}}
+
+
+# --- children ---------------------------------------------------------------------------------
+
+
+def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int, precision: str, conv: str) -> dict:
+    """Compile the predictor once in this (fresh) process, with the persistent cache at ``cache``."""
+    from pipeline.infer import Predictor, configure_jax
+    from pipeline.windows import tile_spec
+    from unet_flax.checkpoint import load_checkpoint
+
+    configure_jax(cache)
+    ckpt = load_checkpoint(checkpoint)
+    predictor = Predictor(ckpt, tile_spec(tile, halo, ckpt.card.unet.factor), batch, precision=precision, conv=conv)
+    t0 = time.perf_counter()
+    compiled = predictor.compile()
+    seconds = time.perf_counter() - t0
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops")) if cost and cost.get("flops") else None
+    except Exception:  # cost analysis is optional
+        pass
+    return {"compile_s": seconds, "xla_flops": flops, "cache_files": len(list(Path(cache).glob("*")))}
+
+
+def _child_e2e(workflow_json: str) -> dict:
+    """Run one workflow in this process: warm the predictor, then time ``run_workflow``."""
+    from pipeline.config import Workflow
+    from pipeline.infer import configure_jax, get_predictor
+    from pipeline.runner import run_workflow
+    from pipeline.windows import tile_spec
+    from unet_flax.checkpoint import file_sha256, read_card
+
+    wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
+    card = read_card(wf.model.checkpoint)
+    t0 = time.perf_counter()
+    configure_jax(str(wf.runtime.compilation_cache))
+    spec = tile_spec(wf.tiling.tile, wf.tiling.halo, card.unet.factor)
+    predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
+                              False, wf.runtime.precision)
+    predictor.compile()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = run_workflow(wf, progress=False, echo=lambda line: None)
+    seconds = time.perf_counter() - t0
+    failed = [f.error for f in report.files if f.status != "ok"]
+    if failed:
+        raise RuntimeError(f"bench run failed: {failed}")
+    return {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
+            "device": report.device}
+
+
+# --- the tool ---------------------------------------------------------------------------------
+
+
+def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
+    """Measure everything described in the module docstring; returns the JSON report."""
+    import jax
+
+    from pipeline.infer import (Predictor, auto_batch, configure_jax, device_description, resolve_conv,
+                                resolve_precision)
+    from pipeline.windows import plan_tiles, tile_spec
+    from unet_flax.checkpoint import load_checkpoint
+    from unet_flax.model import flops_per_pixel
+
+    tmp = tempfile.TemporaryDirectory(prefix="tilepipe-bench-") if opts.workdir is None else None
+    work = Path(tmp.name if tmp else opts.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        cache = work / f"jax-cache-{os.getpid()}-{time.time_ns()}"  # empty: the first compile is cold
+        checkpoint = opts.model or make_checkpoint(work / "bench-model.safetensors", opts.arch)
+        ckpt = load_checkpoint(checkpoint)
+        cfg = ckpt.card.unet
+        spec = tile_spec(opts.tile, opts.halo, cfg.factor)
+        fpp = flops_per_pixel(cfg)
+        precision = resolve_precision(opts.precision)
+        conv = resolve_conv(opts.conv)
+        report: dict[str, Any] = {
+            "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
+            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "quick": opts.quick,
+            "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
+                      "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
+                      "flops_per_pixel": fpp, "precision": precision, "conv": conv},
+            "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
+        }
+        echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
+             f"tile {spec.tile} + halo {spec.halo}")
+
+        # Compilation: a cold process, then a second process over the cache it filled.
+        batch0 = opts.batch if isinstance(opts.batch, int) else 1
+        child_args = [str(checkpoint), str(cache), str(spec.tile), str(spec.halo), str(batch0), precision, conv]
+        cold, _, cold_wall = _child(["compile", *child_args])
+        warm, _, warm_wall = _child(["compile", *child_args])
+        report["compile"] = {"batch": batch0, "cold_s": cold["compile_s"], "warm_s": warm["compile_s"],
+                             "warm_over_cold": warm["compile_s"] / cold["compile_s"],
+                             "cold_process_s": cold_wall, "warm_process_s": warm_wall,
+                             "cache_dir": str(cache), "cache_files": warm["cache_files"]}
+        xla_fpp = cold["xla_flops"] / (batch0 * spec.read_size**2) if cold["xla_flops"] else None
+        report["model"]["xla_cost_analysis_flops_per_pixel"] = xla_fpp
+        echo(f"compile: cold {cold['compile_s']:.2f} s, warm (second process) {warm['compile_s']:.2f} s")
+
+        configure_jax(str(cache))
+        if opts.batch == "auto":
+            t0 = time.perf_counter()
+            batch = auto_batch(ckpt, spec, precision=precision, conv=conv, cache_dir=cache,
+                               cap=16 if opts.quick else 64)
+            report["batch"] = {"value": batch, "auto": True, "probe_s": time.perf_counter() - t0}
+        else:
+            batch = int(opts.batch)
+            report["batch"] = {"value": batch, "auto": False}
+        echo(f"batch: {batch}{' (auto)' if opts.batch == 'auto' else ''}")
+
+        report["matmul"] = {"n": 2048, "gflops": matmul_gflops(2048, min(2.0, opts.min_seconds))}
+        echo(f"matmul float32 2048^3: {report['matmul']['gflops']:.1f} GFLOP/s")
+
+        # The scene, and real normalised tiles of it for the model-only and precision runs.
+        scene_dir = work / "scene"
+        scene_dir.mkdir(exist_ok=True)
+        scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands)
+        inputs = _scene_batch(scene, spec, batch, ckpt.card)
+
+        predictor = Predictor(ckpt, spec, batch, precision=precision, conv=conv)
+        batch = predictor.batch  # rounded up to the device count
+        x = predictor.put(inputs)
+        reference = np.asarray(predictor.forward(x)[0])
+        t = _best_time(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
+        out_px, in_px = batch * spec.tile**2, batch * spec.read_size**2
+        gflops = in_px * fpp / t / 1e9
+        report["model_only"] = {"seconds_per_batch": t, "mpx_per_s": out_px / t / 1e6,
+                                "computed_mpx_per_s": in_px / t / 1e6, "gflops": gflops,
+                                "fraction_of_matmul": gflops / report["matmul"]["gflops"]}
+        echo(f"model only: {out_px / t / 1e6:.3f} Mpx/s written, {gflops:.1f} GFLOP/s "
+             f"({100 * gflops / report['matmul']['gflops']:.0f}% of matmul)")
+
+        report["precision"] = _precision(ckpt, spec, batch, inputs, precision, conv, opts, fpp)
+        echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
+             f"{100 * report['precision']['class_agreement']:.3f}%")
+
+        report["torch"] = _torch(ckpt, inputs, reference, spec, opts, fpp) if opts.torch else {"available": None}
+        if opts.torch and report["torch"].get("available"):
+            echo(f"torch eager channels-last: {report['torch']['mpx_per_s']:.3f} Mpx/s")
+
+        tiles = plan_tiles(opts.size, opts.size, spec)
+        report["halo"] = {"nominal": spec.read_size**2 / spec.tile**2,
+                          "measured": len(tiles) * spec.read_size**2 / opts.size**2}
+
+        # End to end, in a child process whose tree's memory is sampled.
+        e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision)
+        e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
+        report["end_to_end"] = {"size": opts.size, "bands": cfg.in_bands, "seconds": e2e["seconds"],
+                                "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
+                                "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
+                                "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"]}
+        echo(f"end to end {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}")
+
+        report["memory"] = _memory(work, opts, cfg, spec, batch, cache, precision)
+        echo(f"peak RSS {report['memory']['small']['size']}^2: {report['memory']['small']['peak_rss_mb']:.0f} MB, "
+             f"{report['memory']['large']['size']}^2: {report['memory']['large']['peak_rss_mb']:.0f} MB")
+        report["targets"] = targets(report)
+        report["load_average_end"] = list(os.getloadavg())
+        return report
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
+    """The first ``batch`` tiles of ``scene``, read and normalised as a worker does."""
+    import rasterio
+
+    from pipeline.io import Normaliser, read_tile
+    from pipeline.windows import plan_tiles
+
+    bands = list(range(1, card.unet.in_bands + 1))
+    normaliser = Normaliser((1 / 10000,) * len(bands), (0.0,) * len(bands), card.mean, card.std)
+    out = []
+    with rasterio.open(scene) as src:
+        tiles = plan_tiles(src.width, src.height, spec)
+        for i in range(batch):
+            data, valid = read_tile(src, tiles[i % len(tiles)], bands)
+            out.append(normaliser(data, valid))
+    return np.stack(out)
+
+
+def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: str, conv: str,
+               opts: BenchOptions, fpp: int) -> dict[str, Any]:
+    """bfloat16 against float32 on the same batch: class agreement and the other one's speed."""
+    import jax
+
+    from pipeline.infer import Predictor
+
+    runs = {}
+    for name in ("float32", "bfloat16"):
+        p = Predictor(ckpt, spec, batch, precision=name, conv=conv)
+        x = p.put(inputs)
+        classes = np.asarray(p.forward(x)[0])
+        seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2) \
+            if name != precision else None
+        runs[name] = (classes, seconds)
+    other = "bfloat16" if precision == "float32" else "float32"
+    agreement = float((runs["float32"][0] == runs["bfloat16"][0]).mean())
+    seconds = runs[other][1]
+    return {"compute": precision, "other": other, "class_agreement": agreement,
+            "other_mpx_per_s": batch * spec.tile**2 / seconds / 1e6,
+            "other_gflops": batch * spec.read_size**2 * fpp / seconds / 1e9}
+
+
+def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts: BenchOptions,
+           fpp: int) -> dict[str, Any]:
+    """The PyTorch twin on the same batch: eager, channels-last, inference mode."""
+    from pipeline.torch_unet import torch_available, torch_classes, torch_unet_from_flax
+
+    if not torch_available():
+        return {"available": False, "note": "torch is not installed (pip install torch)"}
+    import torch
+
+    net = torch_unet_from_flax(ckpt.model)
+    lo, hi = spec.halo, spec.halo + spec.tile
+    classes = torch_classes(net, inputs).numpy()[:, lo:hi, lo:hi]
+    codes = ckpt.card.codes[classes]
+    t = _best_time(lambda: torch_classes(net, inputs), opts.min_seconds)
+    n = inputs.shape[0]
+    return {"available": True, "version": torch.__version__, "threads": torch.get_num_threads(),
+            "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,
+            "gflops": n * spec.read_size**2 * fpp / t / 1e9,
+            "class_agreement_with_flax": float((codes == reference[:n]).mean())}
+
+
+def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
+             precision: str) -> dict[str, Any]:
+    wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision)
+    path = work / f"{name}-workflow.json"
+    path.write_text(json.dumps(wf))
+    result, peak, wall = _child(["e2e", str(path)])
+    return {**result, "peak_rss": peak, "wall": wall}
+
+
+def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cache: Path,
+            precision: str) -> dict[str, Any]:
+    """Peak RSS of whole runs on a small and a large scene (same tiles, batch and model family)."""
+    arch = opts.memory_arch or (cfg.depth, min(4, cfg.base_width), cfg.in_bands, cfg.num_classes)
+    checkpoint = make_checkpoint(work / "memory-model.safetensors", arch)
+    results = {}
+    for label, size in zip(("small", "large"), opts.memory_sizes):
+        scene_dir = work / f"memory-{size}"
+        scene_dir.mkdir(exist_ok=True)
+        write_scene(scene_dir / "scene.tif", size, arch[2], seed=1)
+        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision)
+        results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20, "seconds": run["seconds"],
+                          "mpx_per_s": run["pixels"] / run["seconds"] / 1e6}
+        (scene_dir / "scene.tif").unlink()
+    return {"arch": {"depth": arch[0], "base_width": arch[1], "in_bands": arch[2], "num_classes": arch[3]},
+            "note": "a narrower model than the one benchmarked, so the large scene runs in minutes",
+            **results, "large_over_small": results["large"]["peak_rss_mb"] / results["small"]["peak_rss_mb"]}
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    t: dict[str, Any] = {
+        "e2e_ratio_ge_0.9": report["end_to_end"]["ratio_to_model_only"] >= 0.9,
+        "rss_large_over_small_le_1.25": report["memory"]["large_over_small"] <= 1.25,
+        "model_ge_0.7_matmul": report["model_only"]["fraction_of_matmul"] >= 0.7,
+        "warm_compile_le_0.2_cold": report["compile"]["warm_over_cold"] <= 0.2,
+    }
+    if report["torch"].get("available"):
+        t["flax_ge_torch"] = report["model_only"]["mpx_per_s"] >= report["torch"]["mpx_per_s"]
+    if report["backend"] != "gpu":
+        t["gpu"] = "no GPU visible: throughput and fraction of peak on GPU not measured"
+    return t
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as an aligned two-column table."""
+    m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
+    rows = [
+        ("device", report["device"]),
+        ("model", f"depth {report['model']['depth']}, width {report['model']['base_width']}, "
+                  f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
+                  f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}, "
+                  f"conv {report['model']['conv']}"),
+        ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} "
+                  f"(read {report['tiling']['read_size']}), batch {report['batch']['value']}"
+                  f"{' (auto)' if report['batch']['auto'] else ''}"),
+        ("matmul float32", f"{report['matmul']['gflops']:.1f} GFLOP/s"),
+        ("model only", f"{m['mpx_per_s']:.3f} Mpx/s written ({m['computed_mpx_per_s']:.3f} computed), "
+                       f"{m['gflops']:.1f} GFLOP/s = {100 * m['fraction_of_matmul']:.0f}% of matmul"),
+        ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['size']}^2 x {e['bands']} uint16, "
+                       f"ratio {e['ratio_to_model_only']:.2f}, peak RSS {e['peak_rss_mb']:.0f} MB"),
+        ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
+                   f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
+                   f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model)"),
+        ("compile", f"cold {c['cold_s']:.2f} s, warm cache (2nd process) {c['warm_s']:.2f} s "
+                    f"(x{c['warm_over_cold']:.2f})"),
+        ("halo", f"{report['halo']['nominal']:.2f} px computed per px written "
+                 f"({report['halo']['measured']:.2f} on this scene)"),
+        ("precision", f"{p['other']} vs {p['compute']}: {100 * p['class_agreement']:.3f}% classes agree; "
+                      f"{p['other']} {p['other_mpx_per_s']:.3f} Mpx/s"),
+    ]
+    tr = report["torch"]
+    if tr.get("available"):
+        rows.append(("torch", f"{tr['mpx_per_s']:.3f} Mpx/s eager channels-last ({tr['gflops']:.1f} GFLOP/s), "
+                              f"{100 * tr['class_agreement_with_flax']:.3f}% classes agree with Flax"))
+    elif tr.get("available") is False:
+        rows.append(("torch", tr["note"]))
+    for name, value in report["targets"].items():
+        rows.append((f"target {name}", "met" if value is True else "NOT met" if value is False else value))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _arch(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(v) for v in text.split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError("--arch is depth,width,bands,classes, e.g. 4,32,4,8")
+    return parts  # type: ignore[return-value]
+
+
+def _batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("--batch is a positive integer or auto")
+    return int(text)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``tilepipe`` sub-command parsers."""
+    p = subparsers.add_parser("bench", help="measure model and end-to-end throughput on this machine")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="checkpoint to benchmark (default: a random U-Net of --arch)")
+    src.add_argument("--arch", type=_arch, default=(4, 32, 4, 8), help="depth,width,bands,classes (default 4,32,4,8)")
+    p.add_argument("--size", type=int, default=4096, help="side of the generated scene in pixels (default 4096)")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--halo", type=int, default=64)
+    p.add_argument("--batch", type=_batch, default=8, help="tiles per batch, or auto")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32")
+    p.add_argument("--conv", choices=("auto", "xla", "matmul"), default="auto", help="convolution lowering")
+    p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
+                   help="small,large scene sides for the peak-RSS comparison")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--torch", action="store_true", help="compare with the same U-Net in PyTorch (if installed)")
+    p.add_argument("--quick", action="store_true", help="tiny model and scene: a smoke test in seconds")
+    p.add_argument("--workdir", type=Path, help="keep generated files here (default: a temporary directory)")
+    p.set_defaults(func=main_bench)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    common = dict(model=args.model, precision=args.precision, conv=args.conv, torch=args.torch,
+                  workdir=args.workdir)
+    if args.quick:
+        return quick_options(**common)
+    return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,
+                        memory_sizes=tuple(args.memory_sizes), **common)
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """``tilepipe bench``: run, print the table, optionally write the JSON."""
+    report = run_bench(options_from_args(args), echo=lambda line: print(line, file=sys.stderr))
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.bench`` runs the bench, or one of its child measurements."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"]:
+        a = argv[1:]
+        print(json.dumps(_child_compile(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), a[5], a[6])))
+        return 0
+    if argv[:1] == ["e2e"]:
+        print(json.dumps(_child_e2e(argv[1])))
+        return 0
+    parser = argparse.ArgumentParser(prog="tilepipe")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(argv if argv[:1] == ["bench"] else ["bench", *argv])
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

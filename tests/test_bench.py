@@ -1,0 +1,45 @@
+"""``tilepipe bench --quick``: every field of the report, with sane values (no timings asserted)."""
+
+import json
+
+from pipeline import bench
+
+
+def test_quick_bench_reports_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--json", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    report = json.loads(out.read_text())
+    for key in bench.SCHEMA_KEYS:
+        assert key in report, key
+    table = capsys.readouterr().out
+    assert "model only" in table and "end to end" in table and "compile" in table
+
+    model, e2e, mem, comp = report["model_only"], report["end_to_end"], report["memory"], report["compile"]
+    assert model["mpx_per_s"] > 0 and model["gflops"] > 0 and report["matmul"]["gflops"] > 0
+    assert 0 < model["fraction_of_matmul"] < 10
+    assert model["computed_mpx_per_s"] > model["mpx_per_s"]  # the halo is computed, not written
+    assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
+    assert e2e["peak_rss_mb"] > 50
+    assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
+    assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
+    assert report["halo"]["nominal"] == (64 + 2 * 16) ** 2 / 64**2
+    assert report["halo"]["measured"] >= report["halo"]["nominal"]
+    assert 0.9 <= report["precision"]["class_agreement"] <= 1.0
+    assert report["model"]["flops_per_pixel"] > 0
+    assert report["batch"] == {"value": 4, "auto": False}
+    assert set(report["targets"]) >= {"e2e_ratio_ge_0.9", "rss_large_over_small_le_1.25", "model_ge_0.7_matmul",
+                                      "warm_compile_le_0.2_cold"}
+    assert not list((tmp_path / "work").glob("memory-*/*.tif"))  # large scenes are removed after use
+
+
+def test_bench_parser_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench"])
+    opts = bench.options_from_args(ns)
+    assert (opts.size, opts.tile, opts.halo, opts.batch, opts.arch) == (4096, 256, 64, 8, (4, 32, 4, 8))
+    assert opts.memory_sizes == (2048, 8192)
+    assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
+    assert bench.options_from_args(parser.parse_args(["bench", "--quick"])).quick

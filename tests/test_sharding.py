@@ -1,0 +1,53 @@
+"""Batches sharded across devices predict exactly what one device predicts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from conftest import TINY
+from pipeline.infer import Predictor
+from pipeline.windows import tile_spec
+from unet_flax.checkpoint import load_checkpoint
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    from pipeline.infer import Predictor
+    from pipeline.windows import tile_spec
+    from unet_flax.checkpoint import load_checkpoint
+
+    assert len(jax.devices()) == 2, jax.devices()
+    checkpoint = load_checkpoint(sys.argv[1])
+    spec = tile_spec(32, 28, checkpoint.card.unet.factor)
+    x = np.random.default_rng(0).standard_normal((3, spec.read_size, spec.read_size, 4)).astype(np.float32)
+    sharded = Predictor(checkpoint, spec, batch=3)
+    single = Predictor(checkpoint, spec, batch=3, devices=jax.devices()[:1])
+    assert sharded.batch == 4 and single.batch == 3, (sharded.batch, single.batch)
+    out = sharded.forward(sharded.put(x))[0]
+    assert len(out.sharding.device_set) == 2, out.sharding
+    a, b = sharded(x), single(x)
+    assert a.classes.shape == (3, 32, 32)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.confidence, b.confidence)
+    assert sharded.compiled_count() == 1
+    print("OK")
+""")
+
+
+def test_two_devices_shard_the_batch_and_match_one_device(tiny_checkpoint):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_checkpoint)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")
+
+
+def test_one_device_keeps_the_batch(tiny_checkpoint):
+    predictor = Predictor(load_checkpoint(tiny_checkpoint), tile_spec(32, 28, TINY.factor), batch=3)
+    n = len(predictor.devices)
+    assert predictor.batch == -(-3 // n) * n  # 3 on one device
+    assert predictor.pad(np.zeros((1, 88, 88, 4), np.float32)).shape == predictor.input_shape
