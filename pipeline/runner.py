@@ -18,34 +18,26 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
-import re
-import resource
-import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import rasterio
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
 import pipeline
 from pipeline import outputs
-from pipeline.config import DaskSection, OutputSection, Workflow
-from pipeline.errors import InputError, TilepipeError, WorkflowError
+from pipeline.config import DaskSection, Workflow
+from pipeline.errors import InputError, WorkflowError
 from pipeline.io import Normaliser, RasterInfo, file_sha256, inspect_raster
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
-from pipeline.outputs import temporary_name
 from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport
-from pipeline.stitch import NODATA
-from pipeline.tasks import BatchJob, BatchResult, predict_batch
-from pipeline.vectors import write_polygons
+from pipeline.sink import MaskSink, clean_partials, explain_write_failure, one_line
+from pipeline.tasks import BatchJob, predict_batch
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, read_card
 from unet_flax.checkpoint import file_sha256 as checkpoint_sha256
@@ -71,158 +63,6 @@ def open_client(cfg: DaskSection) -> Iterator[Client]:
                       resources=resources, dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client
-
-
-class MaskSink:
-    """The temporary GeoTIFFs of one output; the runner is their only writer."""
-
-    def __init__(self, info: RasterInfo, dest: Path, section: OutputSection, num_classes: int):
-        self.info = info
-        self.dest = dest
-        self.section = section
-        self.paths = {"classes": temporary_name(dest, "-classes.tif")}
-        bands = {"classes": 1}
-        if section.confidence:
-            self.paths["confidence"] = temporary_name(dest, "-confidence.tif")
-            bands["confidence"] = 1
-        if section.probabilities:
-            self.paths["probabilities"] = temporary_name(dest, "-probabilities.tif")
-            bands["probabilities"] = num_classes
-        self.bands = bands
-        block = 256 if min(info.width, info.height) >= 256 else 16
-        profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
-                   "transform": info.transform, "nodata": NODATA, "tiled": True, "blockxsize": block,
-                   "blockysize": block}
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self.datasets = {}
-        try:
-            for name, path in self.paths.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                    self.datasets[name] = rasterio.open(path, "w", count=bands[name], **profile)
-        except Exception:
-            self.discard()
-            raise
-
-    def write(self, result: BatchResult) -> None:
-        for tile_result in result.tiles:
-            window = tile_result.tile.core
-            self.datasets["classes"].write(tile_result.classes, 1, window=window)
-            if "confidence" in self.datasets:
-                self.datasets["confidence"].write(tile_result.confidence, 1, window=window)
-            if "probabilities" in self.datasets:
-                self.datasets["probabilities"].write(tile_result.probabilities, window=window)
-
-    def close(self) -> None:
-        for dataset in self.datasets.values():
-            dataset.close()
-
-    def discard(self) -> None:
-        self.close()
-        for path in self.paths.values():
-            path.unlink(missing_ok=True)
-
-    def finalize(self, card: ModelCard, provenance: dict[str, str]) -> Path:
-        """Publish the finished, verified COGs and remove temporaries.
-
-        The products are written into a hidden staging folder beside the destination, checked
-        there (every block readable, the input's grid), then renamed into place: companions
-        first, the mask last. Any failure leaves the previous outputs as they were.
-        """
-        stage = temporary_name(self.dest, ".d")
-        try:
-            self.close()
-            for name, path in self.paths.items():
-                verify_raster(path, self.info, self.bands[name])
-            stage.mkdir()
-            staged = outputs.MaskFiles(stage / self.dest.name)
-            if "confidence" in self.paths:
-                outputs.finalize_confidence(self.paths["confidence"], staged.confidence, provenance)
-            if "probabilities" in self.paths:
-                outputs.finalize_probabilities(self.paths["probabilities"], staged.probabilities, card, provenance)
-            outputs.finalize_mask(self.paths["classes"], staged.mask, card, provenance)
-            if self.section.polygons:
-                write_polygons(staged.mask, staged.polygons, card, self.section.simplify)
-            verify_raster(staged.mask, self.info, 1)
-            for name, path in (("confidence", staged.confidence), ("probabilities", staged.probabilities)):
-                if name in self.paths:
-                    verify_raster(path, self.info, self.bands[name])
-            publish_staged(stage, staged.mask.name, self.dest.parent)
-            return self.dest
-        except Exception as exc:
-            raise explain_write_failure(exc, [*self.paths.values(), stage]) from exc
-        finally:
-            self.discard()
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def verify_raster(path: Path, info: RasterInfo, count: int) -> None:
-    """Reopen ``path`` and check it: the input's grid, ``count`` bands, every block readable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path) as src:
-            if (src.width, src.height) != (info.width, info.height) or src.count != count:
-                raise OutputError(f"{path.name}: written {src.count} band(s) of {src.width}x{src.height}, "
-                                  f"expected {count} of {info.width}x{info.height}")
-            if src.crs != info.crs or (info.crs is not None and src.transform != info.transform):
-                raise OutputError(f"{path.name}: written with a different CRS or transform than the input")
-            for _, window in src.block_windows(1):
-                src.read(window=window)
-
-
-def publish_staged(stage: Path, main: str, dest_dir: Path) -> None:
-    """Rename every file in ``stage`` into ``dest_dir``, the file named ``main`` last."""
-    names = sorted(p.name for p in stage.iterdir())
-    for name in sorted(names, key=lambda n: n == main):
-        os.replace(stage / name, dest_dir / name)
-
-
-class OutputError(TilepipeError, OSError):
-    """An output that could not be written completely; the message says why in one line."""
-
-
-def explain_write_failure(exc: Exception, paths: list[Path]) -> Exception:
-    """``exc`` with its cause named when a file-size limit or a full disk explains it."""
-    if isinstance(exc, OutputError):
-        return exc
-    reason = _one_line(exc)
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    sizes = [_size(p) for p in paths]
-    if soft != resource.RLIM_INFINITY and any(s >= soft for s in sizes):
-        return OutputError(f"output not written: file-size limit (ulimit -f) of {soft} bytes reached ({reason})")
-    try:
-        free = shutil.disk_usage(paths[0].parent).free
-    except OSError:
-        free = None
-    if "No space left" in reason or (free is not None and free < 1 << 20):
-        return OutputError(f"output not written: disk full ({free} bytes free in {paths[0].parent}) ({reason})")
-    return exc
-
-
-def _size(path: Path) -> int:
-    try:
-        if path.is_dir():
-            return max((p.stat().st_size for p in path.iterdir()), default=0)
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-PARTIAL = re.compile(r"^\..+\.\d+\.partial")
-
-
-def clean_partials(directory: Path) -> list[Path]:
-    """Remove temporaries that killed runs left in ``directory`` (call only while holding its lock)."""
-    removed = []
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if PARTIAL.match(path.name):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
 
 
 @dataclasses.dataclass
@@ -365,7 +205,7 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         try:
             device = _run_inputs(ctx, inputs, force, progress)
         except BaseException as exc:  # SIGINT/SIGTERM arrive as BaseExceptions; anything else is a crash
-            status, error = ("crashed", _one_line(exc)) if isinstance(exc, Exception) else ("interrupted", None)
+            status, error = ("crashed", one_line(exc)) if isinstance(exc, Exception) else ("interrupted", None)
             ledger.finish_run(run_id, status, round(time.perf_counter() - t0, 3), error)
             raise
         seconds = round(time.perf_counter() - t0, 3)
@@ -402,7 +242,7 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
         try:
             write_run_products(wf.output.dir, sorted(finished), ctx.model.card, ctx.run_id)
         except Exception as exc:  # noqa: BLE001  # the masks are done; say what is missing
-            ctx.log.note(f"error: run products (mosaics, STAC) not written: {_one_line(exc)}")
+            ctx.log.note(f"error: run products (mosaics, STAC) not written: {one_line(exc)}")
     return device
 
 
@@ -491,21 +331,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         if file.sink is not None:
                             exc = explain_write_failure(exc, list(file.sink.paths.values()))
-                        fail(file, _one_line(exc))
+                        fail(file, one_line(exc))
                 submit_next()
     finally:
         for future in owner:
             future.cancel()
     return device
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, TilepipeError):
-        text = str(exc).strip().splitlines()
-        return text[0] if text else exc.__class__.__name__
-    text = str(exc).strip().splitlines()
-    cause = exc.__cause__ or exc.__context__
-    if text and cause is not None and "See previous exception" in text[0] and str(cause).strip():
-        # rasterio's "Write failed. See previous exception for details.": say what GDAL said
-        text[0] = text[0].split(" See previous exception")[0] + f" ({str(cause).strip().splitlines()[0]})"
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
