@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline import bench
 from pipeline.errors import WorkflowError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, help="checkpoint to resume from")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
+
+    bench.add_parser(sub)
 
     inspect = sub.add_parser("inspect", help="class areas, georeferencing and provenance of a mask")
     inspect.add_argument("path")

@@ -30,6 +30,7 @@ import pipeline
 from pipeline import outputs
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
+from pipeline.infer import resolve_batch
 from pipeline.io import Normaliser, RasterInfo, file_sha256, inspect_raster
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
@@ -126,7 +127,8 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     normaliser = Normaliser(scale, offset, model.card.mean, model.card.std)
     cache = str(wf.runtime.compilation_cache) if wf.runtime.compilation_cache else None
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
-                     spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache)
+                     spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
+                     wf.runtime.precision)
             for group in batches(plan_tiles(info.width, info.height, spec), wf.tiling.batch)]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
@@ -176,6 +178,7 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
     file behind and marks the run ``interrupted`` in the ledger before it propagates.
     """
     log = log or RunLog(notes=echo)
+    wf = resolve_batch(wf)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
