@@ -14,8 +14,6 @@ from safetensors.numpy import load_file
 from unet_flax.checkpoint import load_checkpoint
 from unet_flax.train import TrainResult, load_train_workflow, train
 
-pytestmark = pytest.mark.slow  # model initialisation and XLA compilation take ~30 s on CPU
-
 CLASSES = [{"code": 10, "name": "water", "color": "#1f78b4"}, {"code": 20, "name": "forest", "color": "#33a02c"},
            {"code": 30, "name": "bare", "color": "#b07b4f"}]
 SIGNATURES = np.array([[600, 700, 400, 300], [300, 600, 350, 3000], [1200, 1500, 1900, 2500]])
@@ -144,3 +142,22 @@ def test_sample_workflow_twin_trains(tmp_path):
     card = load_checkpoint(result.checkpoint).card
     assert card.band_names == ("blue", "green", "red", "nir")
     assert [c.name for c in card.classes] == ["water", "forest", "cropland", "built-up", "bare soil"]
+
+
+def test_a_trained_checkpoint_runs_in_tilepipe_run_with_no_other_file(first, workflow, tmp_path):
+    from pipeline.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "tiny.tif").write_bytes((workflow.parent / "tiny.tif").read_bytes())
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({
+        "input": {"dir": "in"}, "output": {"dir": "out"}, "model": {"checkpoint": str(first.checkpoint)},
+        "bands": [1, 2, 3, 4], "tiling": {"tile": 32, "halo": 16, "batch": 2},
+        "runtime": {"compilation_cache": None},
+    }))
+    assert main(["run", str(run_yaml), "--no-progress"]) == 0
+    with rasterio.open(tmp_path / "out" / "tiny.tif") as out, rasterio.open(workflow.parent / "tiny.tif") as src:
+        classes = out.read(1)
+        assert out.transform == src.transform and out.crs == src.crs
+    assert set(np.unique(classes)) <= {10, 20, 30, 255}
+    assert (classes[:8, :8] == 255).all() and (classes[8:, 8:] != 255).all()
