@@ -38,7 +38,7 @@ from pipeline.logs import RunLog
 from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport
 from pipeline.sink import MaskSink, clean_partials, explain_write_failure, one_line
-from pipeline.tasks import BatchJob, predict_batch
+from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, read_card
 from unet_flax.checkpoint import file_sha256 as checkpoint_sha256
@@ -64,6 +64,16 @@ def open_client(cfg: DaskSection) -> Iterator[Client]:
                       resources=resources, dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client
+
+
+def submit_batch(client: Client, job: BatchJob, cfg: DaskSection) -> Future:
+    """One batch as Dask work. Without resources it is one task that reads and predicts, so
+    only the small cores travel; with ``dask.resources`` (e.g. ``{GPU: 1}``) reading runs on
+    any worker and only inference needs a worker that has the resources."""
+    if not cfg.resources:
+        return client.submit(predict_batch, job, pure=False, retries=cfg.retries)
+    inputs = client.submit(read_batch, job, pure=False, retries=cfg.retries)
+    return client.submit(predict_inputs, job, inputs, pure=False, retries=cfg.retries, resources=dict(cfg.resources))
 
 
 @dataclasses.dataclass
@@ -291,8 +301,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     def submit_next() -> None:
         for file, job in queue:
             if file.error is None:
-                future = client.submit(predict_batch, job, pure=False, retries=wf.dask.retries,
-                                       resources=dict(wf.dask.resources) or None)
+                future = submit_batch(client, job, wf.dask)
                 owner[future] = file
                 completed.add(future)
                 return

@@ -52,24 +52,43 @@ class BatchResult:
     device: str
 
 
-def predict_batch(job: BatchJob) -> BatchResult:
-    """Read, normalise and predict ``job.tiles``; runs on a worker."""
-    configure_jax(job.compilation_cache)
-    predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
-                              job.precision)
+@dataclasses.dataclass(frozen=True)
+class BatchInputs:
+    """One batch read and normalised: model inputs (n, S, S, bands) and each core's validity."""
+
+    x: np.ndarray
+    masks: tuple[np.ndarray, ...]
+
+
+def read_batch(job: BatchJob) -> BatchInputs:
+    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker."""
     inputs, masks = [], []
     with rasterio.open(job.input_path) as src:
         for tile in job.tiles:
             data, valid = read_tile(src, tile, list(job.bands))
             inputs.append(job.normaliser(data, valid))
             masks.append(core_mask(valid, tile))
-    prediction = predictor(np.stack(inputs))
+    return BatchInputs(np.stack(inputs), tuple(masks))
+
+
+def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
+    """Predict a read batch and keep each tile's core: the device half of a batch."""
+    configure_jax(job.compilation_cache)
+    predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
+                              job.precision)
+    prediction = predictor(inputs.x)
     results = []
     for i, tile in enumerate(job.tiles):
-        classes = place(prediction.classes[i], masks[i], tile)
-        confidence = place(prediction.confidence[i], masks[i], tile) if job.with_confidence else None
+        mask = inputs.masks[i]
+        classes = place(prediction.classes[i], mask, tile)
+        confidence = place(prediction.confidence[i], mask, tile) if job.with_confidence else None
         probabilities = None
         if job.with_probabilities:
-            probabilities = np.stack([place(p, masks[i], tile) for p in np.moveaxis(prediction.probabilities[i], -1, 0)])
+            probabilities = np.stack([place(p, mask, tile) for p in np.moveaxis(prediction.probabilities[i], -1, 0)])
         results.append(TileResult(tile, classes, confidence, probabilities))
     return BatchResult(tuple(results), device_description())
+
+
+def predict_batch(job: BatchJob) -> BatchResult:
+    """Read, normalise and predict ``job.tiles`` in one task; only the small cores travel back."""
+    return predict_inputs(job, read_batch(job))

@@ -233,8 +233,9 @@ def test_inference_goes_only_to_workers_with_the_resource(tmp_path, make_workflo
                         resources={"GPU": 1})
     assert_identical_outputs(inputs, local, remote)
     names = {w.address: w.name for w in describe_workers(client)}
-    batches = [t for t in stream.data if t["key"].startswith("predict_batch")]
-    assert len(batches) > 2
+    batches = [t for t in stream.data if t["key"].startswith("predict_inputs")]
+    reads = [t for t in stream.data if t["key"].startswith("read_batch")]
+    assert len(batches) > 2 and len(reads) == len(batches)  # reading is a task of its own, for any worker
     assert {names[t["worker"]] for t in batches} == {"gpu"}
     after = predictor_cache_by_worker(client)
     assert after["cpu"]["hits"] + after["cpu"]["misses"] == before["cpu"]["hits"] + before["cpu"]["misses"]
