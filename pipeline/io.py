@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -53,14 +52,6 @@ def inspect_raster(path: Path, bands: list[int]) -> RasterInfo:
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise InputError(f"{path.name}: not a readable raster ({reason})") from exc
     return info
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from pipeline.config import Workflow
-from pipeline.io import file_sha256
 from pipeline.report import FileRecord
+from unet_flax.checkpoint import file_sha256
 
 LEDGER_NAME = "ledger.sqlite"
 

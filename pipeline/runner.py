@@ -31,7 +31,7 @@ from pipeline import outputs
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import resolve_batch
-from pipeline.io import Normaliser, RasterInfo, file_sha256, inspect_raster
+from pipeline.io import Normaliser, RasterInfo, inspect_raster
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
@@ -40,8 +40,7 @@ from pipeline.report import FileRecord, RunReport
 from pipeline.sink import MaskSink, clean_partials, explain_write_failure, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
-from unet_flax.checkpoint import CheckpointError, ModelCard, read_card
-from unet_flax.checkpoint import file_sha256 as checkpoint_sha256
+from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
 
 
 def discover_inputs(directory: Path, pattern: str) -> list[Path]:
@@ -114,7 +113,7 @@ def load_model_ref(wf: Workflow) -> ModelRef:
     if len(wf.bands) != card.unet.in_bands:
         raise WorkflowError(f"bands: the workflow selects {len(wf.bands)} band(s), model {card.name!r} takes "
                             f"{card.unet.in_bands} ({', '.join(card.band_names)})")
-    return ModelRef(wf.model.checkpoint, checkpoint_sha256(wf.model.checkpoint), card)
+    return ModelRef(wf.model.checkpoint, file_sha256(wf.model.checkpoint), card)
 
 
 def output_path(wf: Workflow, path: Path) -> Path:
