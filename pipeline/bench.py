@@ -119,7 +119,6 @@ def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 5
 def matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
     """Best float32 ``n x n @ n x n`` rate of the default device, in GFLOP/s."""
     import jax
-    import jax.numpy as jnp
 
     a = jax.device_put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     f = jax.jit(lambda a: a @ a)
@@ -261,8 +260,14 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     """Measure everything described in the module docstring; returns the JSON report."""
     import jax
 
-    from pipeline.infer import (Predictor, auto_batch, configure_jax, device_description, resolve_conv,
-                                resolve_precision)
+    from pipeline.infer import (
+        Predictor,
+        auto_batch,
+        configure_jax,
+        device_description,
+        resolve_conv,
+        resolve_precision,
+    )
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel

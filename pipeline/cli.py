@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a workflow over its input directory (only new work)")
     run.add_argument("workflow", type=Path)
-    run.add_argument("--input", type=Path, help="input directory (overrides input.dir)")
+    run.add_argument("--input", help="input directory or GDAL virtual folder (overrides input.dir)")
     run.add_argument("--output", type=Path, help="output directory (overrides output.dir)")
     run.add_argument("--tile", type=int, help="core tile size in pixels")
     run.add_argument("--halo", type=int, help="context pixels on every side of a tile")

@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import WorkflowError
+from pipeline.io import GdalPath, is_gdal_path
 
 
 class Section(BaseModel):
@@ -25,8 +33,19 @@ class Section(BaseModel):
 
 
 class InputSection(Section):
-    dir: Path
+    dir: Path | str
+    """A folder, or a GDAL virtual folder (``/vsizip//data/scenes.zip``, ``/vsis3/bucket/prefix``)."""
     pattern: str = "*.tif"
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _local_or_gdal(cls, value: Any) -> Path | str:
+        return str(value) if isinstance(value, str) and is_gdal_path(value) else Path(value)
+
+    @property
+    def source(self) -> Path | GdalPath:
+        """The folder as something the runner lists and opens."""
+        return GdalPath(self.dir) if isinstance(self.dir, str) else self.dir
 
 
 class OutputSection(Section):
@@ -216,7 +235,7 @@ def resolve_paths(data: dict[str, Any], base: Path, fields: tuple[str, ...]) -> 
         node: Any = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not is_gdal_path(node[leaf]):
             value = Path(node[leaf]).expanduser()
             node[leaf] = str(value if value.is_absolute() else (base / value).resolve())
     return data

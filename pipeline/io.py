@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,38 @@ from rasterio.windows import Window
 from pipeline.errors import InputError
 from pipeline.windows import Tile, reflect_indices, source_span
 
+GDAL_PATH = re.compile(r"^(/vsi[a-z0-9_]+/|[a-z][a-z0-9+.-]*://)")
+
+
+def is_gdal_path(text: str) -> bool:
+    """Whether ``text`` is a path only GDAL can open (``/vsizip/...``, ``/vsis3/...``, ``s3://...``)."""
+    return bool(GDAL_PATH.match(text))
+
+
+class GdalPath(str):
+    """A GDAL virtual path: opened by rasterio, never by the OS; ``name``/``stem`` as on a Path."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def stem(self) -> str:
+        name = self.name
+        return name.rsplit(".", 1)[0] if "." in name[1:] else name
+
+    def child(self, name: str) -> GdalPath:
+        return GdalPath(f"{self.rstrip('/')}/{name}")
+
+
+InputPath = Path | GdalPath
+
 
 @dataclasses.dataclass(frozen=True)
 class RasterInfo:
     """The georeferencing and layout of one input, read once by the driver."""
 
-    path: Path
+    path: InputPath
     width: int
     height: int
     count: int
@@ -33,11 +61,11 @@ class RasterInfo:
         return self.width * self.height
 
 
-def inspect_raster(path: Path, bands: list[int]) -> RasterInfo:
+def inspect_raster(path: InputPath, bands: list[int]) -> RasterInfo:
     """Open ``path`` and check it can feed ``bands``; :class:`InputError` says why not."""
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         raise InputError(f"{path.name}: not a file")
-    if path.stat().st_size == 0:
+    if isinstance(path, Path) and path.stat().st_size == 0:
         raise InputError(f"{path.name}: empty file (0 bytes)")
     try:
         with rasterio.open(path) as src:
@@ -91,6 +119,22 @@ def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int]) -> tupl
         valid &= np.all(np.isfinite(data), axis=0)
     index = np.ix_(rows - r0, cols - c0)
     return data[(slice(None), *index)], valid[index]
+
+
+def raster_sha256(path: InputPath) -> str:
+    """SHA-256 of a raster's georeferencing and every band's pixels, read block by block:
+    the content checksum of an input that only GDAL can read (no bytes through the OS)."""
+    digest = hashlib.sha256()
+    try:
+        with rasterio.open(path) as src:
+            digest.update(repr((src.width, src.height, src.count, src.dtypes, src.nodatavals,
+                                src.crs and src.crs.to_wkt(), tuple(src.transform))).encode())
+            for _, window in src.block_windows(1):
+                digest.update(src.read(window=window).tobytes())
+                digest.update(src.read_masks(window=window).tobytes())
+    except (RasterioError, OSError) as exc:
+        raise InputError(f"{path.name}: not a readable raster ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+    return digest.hexdigest()
 
 
 def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:

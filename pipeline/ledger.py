@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from pipeline.config import Workflow
+from pipeline.io import GdalPath, InputPath, raster_sha256
 from pipeline.report import FileRecord
 from unet_flax.checkpoint import file_sha256
 
@@ -179,8 +180,14 @@ class Ledger:
                            row["result_key"], row["output"], row["run_id"])
 
 
-def fingerprint(path: Path, known: KnownOutput | None) -> Fingerprint:
-    """Size, mtime and sha256 of ``path``; the hash is reused when size and mtime are unchanged."""
+def fingerprint(path: InputPath, known: KnownOutput | None) -> Fingerprint:
+    """Size, mtime and sha256 of ``path``; the hash is reused when size and mtime are unchanged.
+
+    An input only GDAL can read has no size or mtime here: its checksum is of its content
+    (georeferencing and pixels), computed every run.
+    """
+    if isinstance(path, GdalPath):
+        return Fingerprint(0, 0, raster_sha256(path))
     st = path.stat()
     if known and (known.fingerprint.size, known.fingerprint.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return Fingerprint(st.st_size, st.st_mtime_ns, known.fingerprint.sha256)

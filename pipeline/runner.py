@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import fnmatch
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import fiona
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -31,7 +33,7 @@ from pipeline import outputs
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import resolve_batch
-from pipeline.io import Normaliser, RasterInfo, inspect_raster
+from pipeline.io import GdalPath, InputPath, Normaliser, RasterInfo, inspect_raster
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
@@ -43,8 +45,17 @@ from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
 
 
-def discover_inputs(directory: Path, pattern: str) -> list[Path]:
-    """Files in ``directory`` matching ``pattern``, sorted; hidden (temporary) files skipped."""
+def discover_inputs(directory: InputPath, pattern: str) -> list[InputPath]:
+    """Files in ``directory`` matching ``pattern``, sorted; hidden (temporary) files skipped.
+
+    A GDAL virtual folder (a zip archive, a bucket prefix) is listed through GDAL.
+    """
+    if isinstance(directory, GdalPath):
+        try:
+            names = fiona.listdir(directory)
+        except Exception as exc:  # fiona raises DriverError and others for unreachable paths
+            raise WorkflowError(f"input.dir: GDAL cannot list {directory} ({one_line(exc)})") from exc
+        return sorted(directory.child(n) for n in names if fnmatch.fnmatch(n, pattern) and not n.startswith("."))
     if not directory.is_dir():
         raise WorkflowError(f"input.dir: {directory} is not a directory")
     return sorted(p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith("."))
@@ -116,7 +127,7 @@ def load_model_ref(wf: Workflow) -> ModelRef:
     return ModelRef(wf.model.checkpoint, file_sha256(wf.model.checkpoint), card)
 
 
-def output_path(wf: Workflow, path: Path) -> Path:
+def output_path(wf: Workflow, path: InputPath) -> Path:
     return wf.output.dir / f"{path.stem}.tif"
 
 
@@ -196,9 +207,9 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         spec = tile_spec(wf.tiling.tile, wf.tiling.halo, model.card.unet.factor)
     except ValueError as exc:
         raise WorkflowError(str(exc)) from exc
-    if wf.output.dir.resolve() == wf.input.dir.resolve():
+    if isinstance(wf.input.dir, Path) and wf.output.dir.resolve() == wf.input.dir.resolve():
         raise WorkflowError("output.dir: must differ from input.dir (outputs would be read as inputs next run)")
-    inputs = discover_inputs(wf.input.dir, wf.input.pattern)
+    inputs = discover_inputs(wf.input.source, wf.input.pattern)
     if spec.halo < model.card.unet.receptive_radius:
         log.note(f"note: halo {spec.halo} < receptive radius {model.card.unet.receptive_radius} px of the model; "
                  "tile seams may differ slightly from whole-image inference")
@@ -258,7 +269,7 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
     return device
 
 
-def _plan_or_skip(ctx: RunContext, path: Path, force: bool) -> FileJob | None:
+def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool) -> FileJob | None:
     """A job for ``path``, or None when it was skipped or failed already (and recorded)."""
     t0 = time.perf_counter()
     dest = output_path(ctx.wf, path)
@@ -266,8 +277,8 @@ def _plan_or_skip(ctx: RunContext, path: Path, force: bool) -> FileJob | None:
     try:
         fp = fingerprint(path, known)
     except OSError as exc:
-        ctx.finish(FileRecord(input=str(path), status="failed", error=f"{path.name}: cannot read ({exc.strerror})"),
-                   None)
+        reason = str(exc) if isinstance(exc, InputError) else f"{path.name}: cannot read ({exc.strerror or exc})"
+        ctx.finish(FileRecord(input=str(path), status="failed", error=reason), None)
         return None
     if (not force and known is not None and known.fingerprint.sha256 == fp.sha256
             and known.result_key == ctx.key and known.output == str(dest)

@@ -290,3 +290,17 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, make_workflow, tiny_che
     finally:
         cluster.close()
 
+
+
+def test_workers_read_inputs_from_a_gdal_virtual_folder(tmp_path, make_workflow, inputs, cluster):
+    """Workers open ``/vsizip/`` paths themselves: the same outputs as a local run of the files."""
+    import zipfile
+
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(inputs.glob("*.tif")):
+            zf.write(path, path.name)
+    local = run_to(make_workflow, tmp_path, inputs, "local")
+    remote = run_to(make_workflow, tmp_path, inputs, "remote", "--input", f"/vsizip/{archive}",
+                    "--scheduler", cluster.address)
+    assert_identical_outputs(inputs, local, remote)

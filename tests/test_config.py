@@ -72,3 +72,10 @@ def test_digest_changes_with_content(tmp_path):
     path = write(tmp_path, BASE)
     assert load_workflow(path).digest() == load_workflow(path).digest()
     assert load_workflow(path).digest() != load_workflow(path, ["tiling.halo=8"]).digest()
+
+
+@pytest.mark.parametrize("source", ["/vsizip//data/scenes.zip", "/vsis3/bucket/prefix", "s3://bucket/prefix"])
+def test_gdal_virtual_input_folders_are_kept_verbatim(tmp_path, source):
+    wf = load_workflow(write(tmp_path, {**BASE, "input": {"dir": source}}))
+    assert wf.input.dir == source and str(wf.input.source) == source
+    assert load_workflow(write(tmp_path, BASE)).input.source == tmp_path / "in"

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import scene, write_raster
+
 from pipeline.cli import main
 
 
@@ -148,3 +148,34 @@ def test_the_sample_workflow_maps_the_sample_scenes(tmp_path):
         np.testing.assert_array_equal(predicted == 255, labels == 255)
         labelled = labels != 255
         assert (predicted[labelled] == labels[labelled]).mean() > 0.95
+
+
+def test_inputs_inside_a_gdal_virtual_folder_run_like_local_ones(tmp_path, make_workflow):
+    """A zip archive read through /vsizip/: listed, read and checksummed by GDAL alone."""
+    import zipfile
+
+    local = tmp_path / "in"
+    local.mkdir()
+    for i, shape in enumerate([(40, 50), (5, 7)]):
+        write_raster(local / f"s{i}.tif", scene(*shape, seed=i))
+    (local / "broken.tif").write_bytes(b"not a tiff")
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(local.iterdir()):
+            zf.write(path, path.name)
+    wf = make_workflow(local)
+    assert run(wf, "--output", str(tmp_path / "local")) == 1
+    virtual = f"/vsizip/{archive}"
+    assert run(wf, "--input", virtual, "--output", str(tmp_path / "zip")) == 1
+    for name in ("s0.tif", "s1.tif"):
+        with rasterio.open(tmp_path / "local" / name) as a, rasterio.open(tmp_path / "zip" / name) as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+            assert a.transform == b.transform and a.crs == b.crs
+    report = json.loads((tmp_path / "zip" / "tilepipe-report.json").read_text())
+    status = {entry["input"]: entry for entry in report["files"]}
+    assert status[f"{virtual}/broken.tif"]["error"].startswith("broken.tif: ")
+    assert not (tmp_path / "zip" / "broken.tif").exists()
+    again = tmp_path / "again.json"
+    assert run(wf, "--input", virtual, "--output", str(tmp_path / "zip"), "--report", str(again)) == 1
+    statuses = {e["input"].rsplit("/", 1)[-1]: e["status"] for e in json.loads(again.read_text())["files"]}
+    assert statuses == {"s0.tif": "skipped", "s1.tif": "skipped", "broken.tif": "failed"}
