@@ -160,7 +160,7 @@ def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict
         "TILEPIPE_WORKFLOW_SHA256": wf.digest(),
         "TILEPIPE_VERSION": pipeline.__version__,
         "TILEPIPE_INPUT": job.info.path.name,
-        "TILEPIPE_INPUT_SHA256": job.fingerprint.sha256 if job.fingerprint else file_sha256(job.info.path),
+        "TILEPIPE_INPUT_SHA256": job.fingerprint.sha256,  # set for every planned job (_plan_or_skip)
         "TILEPIPE_RUN_ID": run_id,
         "TILEPIPE_TIME": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
