@@ -3,8 +3,10 @@
 One run measures, on one model and one tile setting:
 
 * **model only**: the jitted forward pass on batches already on the device, in megapixels
-  of output (tile cores) per second, and GFLOP/s against a float32 matrix multiply timed
-  in the same process (FLOPs counted analytically, :func:`unet_flax.model.flops_per_pixel`);
+  of output (tile cores) per second, and GFLOP/s against the faster of two float32 matrix
+  multiplies timed in the same process, XLA's and NumPy's BLAS (FLOPs counted analytically,
+  :func:`unet_flax.model.flops_per_pixel`); on one CPU device also the batch taken at once
+  instead of tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
   in a child process, so the peak resident memory of its whole process tree is measured
   alone; the ratio end-to-end / model-only;
@@ -14,7 +16,8 @@ One run measures, on one model and one tile setting:
 * **precision**: bfloat16 against float32 class agreement (and bfloat16 speed);
 * **halo overhead**: pixels computed per pixel written;
 * **PyTorch** (``--torch``, when installed): the same U-Net, eager, channels-last,
-  inference mode, timed in the same process on the same batch.
+  inference mode, timed in the same process on the same batch, both as one batch and tile
+  by tile; the faster of the two is what Flax is compared with.
 
 :func:`run_bench` is the tool; :func:`main_bench` parses nothing and prints.
 """
@@ -52,7 +55,6 @@ class BenchOptions:
     halo: int = 64
     batch: int | str = 8
     precision: str = "float32"
-    conv: str = "auto"
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -117,13 +119,20 @@ def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 5
 
 
 def matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
-    """Best float32 ``n x n @ n x n`` rate of the default device, in GFLOP/s."""
+    """Best float32 ``n x n @ n x n`` rate of the default device under XLA, in GFLOP/s."""
     import jax
 
     a = jax.device_put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     return 2 * n**3 / _best_time(lambda: f(a).block_until_ready(), min_seconds) / 1e9
+
+
+def numpy_matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
+    """Best float32 ``n x n @ n x n`` rate of NumPy's BLAS on the host CPU, in GFLOP/s."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a @ a
+    return 2 * n**3 / _best_time(lambda: a @ a, min_seconds) / 1e9
 
 
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
@@ -204,7 +213,7 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
 # --- children ---------------------------------------------------------------------------------
 
 
-def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int, precision: str, conv: str) -> dict:
+def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int, precision: str) -> dict:
     """Compile the predictor once in this (fresh) process, with the persistent cache at ``cache``."""
     from pipeline.infer import Predictor, configure_jax
     from pipeline.windows import tile_spec
@@ -212,7 +221,7 @@ def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int
 
     configure_jax(cache)
     ckpt = load_checkpoint(checkpoint)
-    predictor = Predictor(ckpt, tile_spec(tile, halo, ckpt.card.unet.factor), batch, precision=precision, conv=conv)
+    predictor = Predictor(ckpt, tile_spec(tile, halo, ckpt.card.unet.factor), batch, precision=precision)
     t0 = time.perf_counter()
     compiled = predictor.compile()
     seconds = time.perf_counter() - t0
@@ -265,12 +274,12 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         auto_batch,
         configure_jax,
         device_description,
-        resolve_conv,
         resolve_precision,
     )
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel
+    from unet_flax.xla_flags import ynn_convolutions
 
     tmp = tempfile.TemporaryDirectory(prefix="tilepipe-bench-") if opts.workdir is None else None
     work = Path(tmp.name if tmp else opts.workdir)
@@ -283,13 +292,13 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         spec = tile_spec(opts.tile, opts.halo, cfg.factor)
         fpp = flops_per_pixel(cfg)
         precision = resolve_precision(opts.precision)
-        conv = resolve_conv(opts.conv)
         report: dict[str, Any] = {
             "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "quick": opts.quick,
             "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
-                      "flops_per_pixel": fpp, "precision": precision, "conv": conv},
+                      "flops_per_pixel": fpp, "precision": precision,
+                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen"},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
         }
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
@@ -297,7 +306,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
         # Compilation: a cold process, then a second process over the cache it filled.
         batch0 = opts.batch if isinstance(opts.batch, int) else 1
-        child_args = [str(checkpoint), str(cache), str(spec.tile), str(spec.halo), str(batch0), precision, conv]
+        child_args = [str(checkpoint), str(cache), str(spec.tile), str(spec.halo), str(batch0), precision]
         cold, _, cold_wall = _child(["compile", *child_args])
         warm, _, warm_wall = _child(["compile", *child_args])
         report["compile"] = {"batch": batch0, "cold_s": cold["compile_s"], "warm_s": warm["compile_s"],
@@ -311,7 +320,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         configure_jax(str(cache))
         if opts.batch == "auto":
             t0 = time.perf_counter()
-            batch = auto_batch(ckpt, spec, precision=precision, conv=conv, cache_dir=cache,
+            batch = auto_batch(ckpt, spec, precision=precision, cache_dir=cache,
                                cap=16 if opts.quick else 64)
             report["batch"] = {"value": batch, "auto": True, "probe_s": time.perf_counter() - t0}
         else:
@@ -319,8 +328,12 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             report["batch"] = {"value": batch, "auto": False}
         echo(f"batch: {batch}{' (auto)' if opts.batch == 'auto' else ''}")
 
-        report["matmul"] = {"n": 2048, "gflops": matmul_gflops(2048, min(2.0, opts.min_seconds))}
-        echo(f"matmul float32 2048^3: {report['matmul']['gflops']:.1f} GFLOP/s")
+        xla_mm = matmul_gflops(2048, min(2.0, opts.min_seconds))
+        numpy_mm = numpy_matmul_gflops(2048, min(2.0, opts.min_seconds)) if jax.default_backend() == "cpu" else None
+        report["matmul"] = {"n": 2048, "gflops": max(xla_mm, numpy_mm or 0.0), "xla_gflops": xla_mm,
+                            "numpy_gflops": numpy_mm}
+        echo(f"matmul float32 2048^3: XLA {xla_mm:.1f} GFLOP/s"
+             + (f", NumPy {numpy_mm:.1f} GFLOP/s" if numpy_mm else ""))
 
         # The scene, and real normalised tiles of it for the model-only and precision runs.
         scene_dir = work / "scene"
@@ -328,7 +341,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands)
         inputs = _scene_batch(scene, spec, batch, ckpt.card)
 
-        predictor = Predictor(ckpt, spec, batch, precision=precision, conv=conv)
+        predictor = Predictor(ckpt, spec, batch, precision=precision)
         batch = predictor.batch  # rounded up to the device count
         x = predictor.put(inputs)
         reference = np.asarray(predictor.forward(x)[0])
@@ -337,17 +350,30 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         gflops = in_px * fpp / t / 1e9
         report["model_only"] = {"seconds_per_batch": t, "mpx_per_s": out_px / t / 1e6,
                                 "computed_mpx_per_s": in_px / t / 1e6, "gflops": gflops,
-                                "fraction_of_matmul": gflops / report["matmul"]["gflops"]}
+                                "fraction_of_matmul": gflops / report["matmul"]["gflops"],
+                                "tile_by_tile": predictor.sequential}
         echo(f"model only: {out_px / t / 1e6:.3f} Mpx/s written, {gflops:.1f} GFLOP/s "
-             f"({100 * gflops / report['matmul']['gflops']:.0f}% of matmul)")
+             f"({100 * gflops / report['matmul']['gflops']:.0f}% of matmul)"
+             + (" tile by tile" if predictor.sequential else ""))
+        if predictor.sequential:  # what the batch taken at once gives, for comparison
+            batched = Predictor(ckpt, spec, batch, precision=precision, sequential=False)
+            xb = batched.put(inputs)
+            tb = _best_time(lambda: jax.block_until_ready(batched.forward(xb)), opts.min_seconds)
+            report["model_only"]["batched_mpx_per_s"] = out_px / tb / 1e6
+            report["model_only"]["batched_class_agreement"] = float(
+                (np.asarray(batched.forward(xb)[0]) == reference).mean())
+            echo(f"model only, whole batch at once: {out_px / tb / 1e6:.3f} Mpx/s")
+            del batched, xb
 
-        report["precision"] = _precision(ckpt, spec, batch, inputs, precision, conv, opts, fpp)
+        report["precision"] = _precision(ckpt, spec, batch, inputs, precision, opts, fpp)
         echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
              f"{100 * report['precision']['class_agreement']:.3f}%")
 
         report["torch"] = _torch(ckpt, inputs, reference, spec, opts, fpp) if opts.torch else {"available": None}
         if opts.torch and report["torch"].get("available"):
-            echo(f"torch eager channels-last: {report['torch']['mpx_per_s']:.3f} Mpx/s")
+            echo(f"torch eager channels-last: {report['torch']['mpx_per_s']:.3f} Mpx/s "
+                 f"(batch {report['torch']['batch_mpx_per_s']:.3f}, "
+                 f"tile by tile {report['torch']['tile_by_tile_mpx_per_s']:.3f})")
 
         tiles = plan_tiles(opts.size, opts.size, spec)
         report["halo"] = {"nominal": spec.read_size**2 / spec.tile**2,
@@ -391,7 +417,7 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
     return np.stack(out)
 
 
-def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: str, conv: str,
+def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: str,
                opts: BenchOptions, fpp: int) -> dict[str, Any]:
     """bfloat16 against float32 on the same batch: class agreement and the other one's speed."""
     import jax
@@ -400,7 +426,7 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: 
 
     runs = {}
     for name in ("float32", "bfloat16"):
-        p = Predictor(ckpt, spec, batch, precision=name, conv=conv)
+        p = Predictor(ckpt, spec, batch, precision=name)
         x = p.put(inputs)
         classes = np.asarray(p.forward(x)[0])
         seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2) \
@@ -416,7 +442,8 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: 
 
 def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts: BenchOptions,
            fpp: int) -> dict[str, Any]:
-    """The PyTorch twin on the same batch: eager, channels-last, inference mode."""
+    """The PyTorch twin on the same batch: eager, channels-last, inference mode; timed as one
+    batch and tile by tile, the faster being its figure."""
     from pipeline.torch_unet import torch_available, torch_classes, torch_unet_from_flax
 
     if not torch_available():
@@ -427,10 +454,14 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
     lo, hi = spec.halo, spec.halo + spec.tile
     classes = torch_classes(net, inputs).numpy()[:, lo:hi, lo:hi]
     codes = ckpt.card.codes[classes]
-    t = _best_time(lambda: torch_classes(net, inputs), opts.min_seconds)
+    batch_t = _best_time(lambda: torch_classes(net, inputs), opts.min_seconds)
+    tile_t = _best_time(lambda: [torch_classes(net, inputs[i:i + 1]) for i in range(len(inputs))], opts.min_seconds)
+    t = min(batch_t, tile_t)
     n = inputs.shape[0]
     return {"available": True, "version": torch.__version__, "threads": torch.get_num_threads(),
             "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,
+            "batch_mpx_per_s": n * spec.tile**2 / batch_t / 1e6,
+            "tile_by_tile_mpx_per_s": n * spec.tile**2 / tile_t / 1e6,
             "gflops": n * spec.read_size**2 * fpp / t / 1e9,
             "class_agreement_with_flax": float((codes == reference[:n]).mean())}
 
@@ -485,14 +516,19 @@ def format_table(report: dict[str, Any]) -> str:
         ("device", report["device"]),
         ("model", f"depth {report['model']['depth']}, width {report['model']['base_width']}, "
                   f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
-                  f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}, "
-                  f"conv {report['model']['conv']}"),
+                  f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}"
+                  + (f", CPU convolutions by {report['model']['cpu_convolutions']}"
+                     if report["backend"] == "cpu" else "")),
         ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} "
                   f"(read {report['tiling']['read_size']}), batch {report['batch']['value']}"
                   f"{' (auto)' if report['batch']['auto'] else ''}"),
-        ("matmul float32", f"{report['matmul']['gflops']:.1f} GFLOP/s"),
+        ("matmul float32", f"{report['matmul']['gflops']:.1f} GFLOP/s (XLA {report['matmul']['xla_gflops']:.1f}"
+                           + (f", NumPy {report['matmul']['numpy_gflops']:.1f}" if report['matmul']['numpy_gflops']
+                              else "") + ")"),
         ("model only", f"{m['mpx_per_s']:.3f} Mpx/s written ({m['computed_mpx_per_s']:.3f} computed), "
-                       f"{m['gflops']:.1f} GFLOP/s = {100 * m['fraction_of_matmul']:.0f}% of matmul"),
+                       f"{m['gflops']:.1f} GFLOP/s = {100 * m['fraction_of_matmul']:.0f}% of matmul"
+                       + (f"; tile by tile (whole batch at once: {m['batched_mpx_per_s']:.3f} Mpx/s)"
+                          if "batched_mpx_per_s" in m else "")),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f}, peak RSS {e['peak_rss_mb']:.0f} MB"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
@@ -507,7 +543,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     tr = report["torch"]
     if tr.get("available"):
-        rows.append(("torch", f"{tr['mpx_per_s']:.3f} Mpx/s eager channels-last ({tr['gflops']:.1f} GFLOP/s), "
+        rows.append(("torch", f"{tr['mpx_per_s']:.3f} Mpx/s eager channels-last ({tr['gflops']:.1f} GFLOP/s; "
+                              f"batch {tr['batch_mpx_per_s']:.3f}, tile by tile {tr['tile_by_tile_mpx_per_s']:.3f}), "
                               f"{100 * tr['class_agreement_with_flax']:.3f}% classes agree with Flax"))
     elif tr.get("available") is False:
         rows.append(("torch", tr["note"]))
@@ -546,7 +583,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--batch", type=_batch, default=8, help="tiles per batch, or auto")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32")
-    p.add_argument("--conv", choices=("auto", "xla", "matmul"), default="auto", help="convolution lowering")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -558,7 +594,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    common = dict(model=args.model, precision=args.precision, conv=args.conv, torch=args.torch,
+    common = dict(model=args.model, precision=args.precision, torch=args.torch,
                   workdir=args.workdir)
     if args.quick:
         return quick_options(**common)
@@ -581,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compile"]:
         a = argv[1:]
-        print(json.dumps(_child_compile(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), a[5], a[6])))
+        print(json.dumps(_child_compile(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), a[5])))
         return 0
     if argv[:1] == ["e2e"]:
         print(json.dumps(_child_e2e(argv[1])))

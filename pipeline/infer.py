@@ -9,6 +9,9 @@ With several devices visible the batch is sharded across them along its first ax
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
 is rounded up to a multiple of the device count. ``precision`` picks the compute dtype
 (``auto``: bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units).
+On a single CPU device the compiled pass runs the tiles of a batch one after another
+(``lax.map``): one tile's activations stay in the CPU's caches, which measured faster than
+the batched pass on the development machine; accelerators take the batch at once.
 :func:`auto_batch` finds the largest batch that still speeds the forward pass up and
 remembers it next to the compilation cache.
 """
@@ -36,8 +39,8 @@ from pipeline.windows import TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
 
 PRECISIONS = ("float32", "bfloat16", "auto")
-CONVS = ("xla", "matmul", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
+FORWARD_VERSION = 2  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -65,18 +68,6 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def resolve_conv(conv: str, backend: str | None = None) -> str:
-    """The convolution lowering; ``auto`` is XLA's own convolutions on every backend.
-
-    The patches-and-matmul form (``matmul``) measured slower than XLA's CPU convolutions on
-    the 2-core AMD EPYC (AVX2) development machine, so it is opt-in; see
-    ``unet_flax.model`` for what it does.
-    """
-    if conv not in CONVS:
-        raise ValueError(f"conv must be one of {', '.join(CONVS)}, got {conv!r}")
-    return "xla" if conv == "auto" else conv
-
-
 def device_description() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
@@ -101,14 +92,15 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: Checkpoint, spec: TileSpec, batch: int, probabilities: bool = False, *,
-                 precision: str = "float32", conv: str = "auto", devices: Sequence[jax.Device] | None = None):
+                 precision: str = "float32", devices: Sequence[jax.Device] | None = None,
+                 sequential: bool | None = None):
         self.card = checkpoint.card
         self.spec = spec
         self.devices = tuple(devices if devices is not None else jax.devices())
         backend = self.devices[0].platform
         self.precision = resolve_precision(precision, backend)
-        self.conv = resolve_conv(conv, backend)
         n = len(self.devices)
+        self.sequential = backend == "cpu" and n == 1 if sequential is None else sequential
         self.batch = -(-batch // n) * n
         self.input_shape = (self.batch, spec.read_size, spec.read_size, checkpoint.card.unet.in_bands)
         mesh = Mesh(np.array(self.devices), ("data",))
@@ -118,17 +110,22 @@ class Predictor:
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
         lo, hi = spec.halo, spec.halo + spec.tile
-        dtype, conv_impl = jnp.dtype(self.precision), self.conv
+        dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
+
+        def predict(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, ...]:
+            logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            confidence = jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8)
+            outputs = (codes[jnp.argmax(logits, axis=-1)], confidence)
+            return outputs + ((jnp.round(100 * probs).astype(jnp.uint8),) if probabilities else ())
 
         @functools.partial(jax.jit, in_shardings=(replicated, self.input_sharding),
                            out_shardings=self.input_sharding)
         def forward(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
             model = nnx.merge(graphdef, state)
-            logits = model(x, conv=conv_impl, dtype=dtype)[:, lo:hi, lo:hi, :]
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            confidence = jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8)
-            outputs = (codes[jnp.argmax(logits, axis=-1)], confidence)
-            return outputs + ((jnp.round(100 * probs).astype(jnp.uint8),) if probabilities else ())
+            if not sequential_tiles:
+                return predict(model, x)
+            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[None])), x)
 
         self._forward = forward
 
@@ -167,23 +164,23 @@ class Predictor:
 
 @functools.lru_cache(maxsize=4)
 def _cached_predictor(path: str, sha256: str, spec: TileSpec, batch: int, probabilities: bool,
-                      precision: str, conv: str) -> Predictor:
+                      precision: str) -> Predictor:
     checkpoint = load_checkpoint(path)
     if checkpoint.sha256 != sha256:
         raise ValueError(f"{Path(path).name}: checkpoint changed during the run (hash {checkpoint.sha256[:12]})")
-    return Predictor(checkpoint, spec, batch, probabilities, precision=precision, conv=conv)
+    return Predictor(checkpoint, spec, batch, probabilities, precision=precision)
 
 
 def get_predictor(path: str | os.PathLike[str], sha256: str, spec: TileSpec, batch: int,
-                  probabilities: bool = False, precision: str = "auto", conv: str = "auto") -> Predictor:
+                  probabilities: bool = False, precision: str = "auto") -> Predictor:
     """This process's predictor for a checkpoint, loaded and compiled on first use only.
 
     Keyed by the checkpoint's hash, so Dask workers load weights once per process, not
     once per task, and tasks carry only the path.
     """
-    precision, conv = resolve_precision(precision), resolve_conv(conv)  # "auto" shares the resolved entry
+    precision = resolve_precision(precision)  # "auto" shares the resolved entry
     with _lock:
-        return _cached_predictor(str(path), sha256, spec, batch, probabilities, precision, conv)
+        return _cached_predictor(str(path), sha256, spec, batch, probabilities, precision)
 
 
 # --- automatic batch size -------------------------------------------------------------------
@@ -220,15 +217,16 @@ def _compiled_bytes(compiled: Any) -> int | None:
         return None
 
 
-def auto_batch_key(sha256: str, spec: TileSpec, precision: str, conv: str, devices: Sequence[jax.Device]) -> str:
-    """What an automatic batch choice depends on: model, tile shape, precision and hardware."""
+def auto_batch_key(sha256: str, spec: TileSpec, precision: str, devices: Sequence[jax.Device]) -> str:
+    """What an automatic batch choice depends on: model, tile shape, precision, hardware and
+    the way the forward pass is written (``FORWARD_VERSION``)."""
     kinds = ",".join(sorted({d.device_kind for d in devices}))
-    text = json.dumps([sha256, spec.tile, spec.halo, precision, conv, devices[0].platform, kinds, len(devices),
+    text = json.dumps([sha256, spec.tile, spec.halo, precision, FORWARD_VERSION, devices[0].platform, kinds, len(devices),
                        os.cpu_count(), jax.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def probe_batches(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto", conv: str = "auto",
+def probe_batches(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto",
                   cap: int = 64, min_gain: float = 0.05, budget_bytes: int | None = None,
                   devices: Sequence[jax.Device] | None = None, repeats: int = 2) -> list[BatchProbe]:
     """Forward-pass throughput at batch 1, 2, 4, ... up to ``cap``; stops when the gain over
@@ -239,7 +237,7 @@ def probe_batches(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "a
     batch = len(devices)
     rng = np.random.default_rng(0)
     while batch <= max(cap, len(devices)):
-        predictor = Predictor(checkpoint, spec, batch, precision=precision, conv=conv, devices=devices)
+        predictor = Predictor(checkpoint, spec, batch, precision=precision, devices=devices)
         used = _compiled_bytes(predictor.compile())
         if used is not None and used > budget and probes:
             break
@@ -268,7 +266,7 @@ def choose_batch(probes: Sequence[BatchProbe], min_gain: float = 0.05) -> int:
     return best.batch
 
 
-def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto", conv: str = "auto",
+def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto",
                cap: int = 64, cache_dir: str | os.PathLike[str] | None = None, min_gain: float = 0.05,
                budget_bytes: int | None = None, devices: Sequence[jax.Device] | None = None) -> int:
     """The automatic batch size: a power of two (times the device count) <= ``cap``.
@@ -277,8 +275,7 @@ def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto
     model's hash, the tile shape, precision and hardware, so later runs do not probe again.
     """
     devices = tuple(devices if devices is not None else jax.devices())
-    key = auto_batch_key(checkpoint.sha256, spec, resolve_precision(precision, devices[0].platform),
-                         resolve_conv(conv), devices)
+    key = auto_batch_key(checkpoint.sha256, spec, resolve_precision(precision, devices[0].platform), devices)
     store = Path(cache_dir).expanduser() / AUTO_BATCH_FILE if cache_dir else None
     known: dict[str, Any] = {}
     if store is not None and store.is_file():
@@ -288,7 +285,7 @@ def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto
             known = {}
         if isinstance(known.get(key), dict) and isinstance(known[key].get("batch"), int):
             return min(known[key]["batch"], max(cap, len(devices)))
-    probes = probe_batches(checkpoint, spec, precision=precision, conv=conv, cap=cap, min_gain=min_gain,
+    probes = probe_batches(checkpoint, spec, precision=precision, cap=cap, min_gain=min_gain,
                            budget_bytes=budget_bytes, devices=devices)
     batch = choose_batch(probes, min_gain)
     if store is not None:

@@ -18,6 +18,11 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert model["mpx_per_s"] > 0 and model["gflops"] > 0 and report["matmul"]["gflops"] > 0
     assert 0 < model["fraction_of_matmul"] < 10
     assert model["computed_mpx_per_s"] > model["mpx_per_s"]  # the halo is computed, not written
+    mm = report["matmul"]
+    assert mm["xla_gflops"] > 0 and mm["numpy_gflops"] > 0 and mm["gflops"] == max(mm["xla_gflops"], mm["numpy_gflops"])
+    assert model["tile_by_tile"] is True and model["batched_mpx_per_s"] > 0  # one CPU device
+    assert model["batched_class_agreement"] >= 0.999
+    assert report["model"]["cpu_convolutions"] == "eigen"
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
     assert e2e["peak_rss_mb"] > 50
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0

@@ -1,4 +1,4 @@
-"""Compute dtype, convolution lowering and the automatic batch size."""
+"""Compute dtype, the optimised forward pass, tile-by-tile execution and the automatic batch size."""
 
 import json
 
@@ -10,11 +10,13 @@ import pytest
 from conftest import TINY
 from pipeline import infer
 from pipeline.config import RuntimeSection, TilingSection
-from pipeline.infer import (AUTO_BATCH_FILE, BatchProbe, Predictor, auto_batch, choose_batch, resolve_conv,
-                            resolve_precision)
+from pipeline.infer import AUTO_BATCH_FILE, BatchProbe, Predictor, auto_batch, choose_batch, resolve_precision
 from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
+from flax import nnx
+
 from unet_flax.model import UNetConfig, create_unet, flops_per_pixel
+from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, apply_default_xla_flags
 
 
 def test_auto_precision_is_bfloat16_on_accelerators_only():
@@ -22,7 +24,6 @@ def test_auto_precision_is_bfloat16_on_accelerators_only():
     assert resolve_precision("auto", "gpu") == "bfloat16"
     assert resolve_precision("auto", "tpu") == "bfloat16"
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"
-    assert resolve_conv("auto") == "xla"
     with pytest.raises(ValueError, match="float32, bfloat16, auto"):
         resolve_precision("float16")
 
@@ -48,18 +49,101 @@ def test_bfloat16_classes_mostly_agree_with_float32(tiny_checkpoint):
     assert np.abs(fp32.confidence.astype(int) - bf16.confidence.astype(int)).mean() < 2
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_matmul_convolutions_compute_the_same_function(dtype):
-    model = create_unet(UNetConfig(in_bands=3, num_classes=4, depth=3, base_width=4), seed=2)
+def plain_forward(model, x):
+    """The U-Net written with the plain Flax layers: concatenation, ConvTranspose, max_pool."""
+    def block(b, x):
+        x = nnx.relu(b.norm1(b.conv1(x)))
+        return nnx.relu(b.norm2(b.conv2(x)))
+
+    skips = []
+    for b in model.down:
+        x = block(b, x)
+        skips.append(x)
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = block(model.bottleneck, x)
+    for up, b, skip in zip(model.upsample, model.up, reversed(skips)):
+        x = block(b, jnp.concatenate([up(x), skip], axis=-1))
+    return model.head(x)
+
+
+def randomise_batch_stats(model, seed):
+    """Eval-mode statistics far from the initial 0/1, so batch norm is not the identity."""
+    rng = np.random.default_rng(seed)
+    for _, norm in nnx.iter_graph(model):
+        if isinstance(norm, nnx.BatchNorm):
+            n = norm.mean[...].shape[0]
+            norm.mean[...] = jnp.asarray(rng.normal(0, 0.5, n), jnp.float32)
+            norm.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+            norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+            norm.bias[...] = jnp.asarray(rng.normal(0, 0.2, n), jnp.float32)
+
+
+@pytest.mark.parametrize("depth,width,bands,size", [(1, 4, 1, 16), (3, 4, 3, 48), (2, 8, 6, 40)])
+def test_forward_equals_the_plain_layers(depth, width, bands, size):
+    model = create_unet(UNetConfig(in_bands=bands, num_classes=5, depth=depth, base_width=width), seed=depth)
+    randomise_batch_stats(model, depth)
     model.eval()
-    x = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
-    xla, mm = np.asarray(model(x, conv="xla", dtype=dtype)), np.asarray(model(x, conv="matmul", dtype=dtype))
-    assert xla.dtype == mm.dtype == np.float32
-    assert (xla.argmax(-1) == mm.argmax(-1)).mean() >= 0.999
-    if dtype == jnp.float32:
-        np.testing.assert_allclose(xla, mm, rtol=1e-4, atol=1e-4)
-    # the default forward is unchanged: float32, XLA convolutions
-    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, conv="xla", dtype=jnp.float32)))
+    x = jax.random.normal(jax.random.key(depth), (2, size, size, bands))
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain_forward(model, x)), rtol=1e-4, atol=1e-4)
+    bf16 = np.asarray(model(x, dtype=jnp.bfloat16))
+    assert bf16.dtype == np.float32
+    assert (bf16.argmax(-1) == np.asarray(plain_forward(model, x)).argmax(-1)).mean() >= 0.98
+
+
+def test_gradients_equal_the_plain_layers():
+    model = create_unet(UNetConfig(in_bands=3, num_classes=4, depth=2, base_width=4), seed=3)
+    model.eval()
+    x = jax.random.normal(jax.random.key(3), (1, 16, 16, 3))
+
+    def loss(m, forward):
+        return jnp.sum(forward(m, x) ** 2)
+
+    ours = nnx.grad(lambda m: loss(m, lambda m, x: m(x)))(model)
+    plain = nnx.grad(lambda m: loss(m, plain_forward))(model)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(ours), nnx.to_flat_state(plain)):
+        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-3, atol=1e-4, err_msg=str(path))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tile_by_tile_equals_the_whole_batch(tiny_checkpoint, batch):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    spec = tile_spec(32, 16, TINY.factor)
+    x = np.random.default_rng(batch).standard_normal((batch, spec.read_size, spec.read_size, 4)).astype(np.float32)
+    tiles = Predictor(checkpoint, spec, 4, probabilities=True, sequential=True)
+    whole = Predictor(checkpoint, spec, 4, probabilities=True, sequential=False)
+    assert tiles.sequential and not whole.sequential
+    a, b = tiles(x), whole(x)
+    assert a.classes.shape == (batch, 32, 32)
+    assert (a.classes == b.classes).mean() >= 0.999
+    assert np.abs(a.confidence.astype(int) - b.confidence.astype(int)).max() <= 1
+    assert np.abs(a.probabilities.astype(int) - b.probabilities.astype(int)).max() <= 1
+    assert tiles.compiled_count() == 1
+
+
+def test_one_cpu_device_runs_tile_by_tile_by_default(tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    predictor = Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2, devices=jax.devices("cpu")[:1])
+    assert predictor.sequential
+
+
+@pytest.mark.parametrize("given,added,expected", [
+    ({}, True, YNN_CONVOLUTIONS_OFF),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, True,
+     f"--xla_force_host_platform_device_count=2 {YNN_CONVOLUTIONS_OFF}"),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}, False,
+     "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
+    ({"TILEPIPE_XLA_DEFAULTS": "0"}, False, None),
+])
+def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
+    environ = dict(given)
+    assert apply_default_xla_flags(environ) is added
+    assert environ.get("XLA_FLAGS") == expected
+
+
+def test_importing_the_package_applied_the_defaults():
+    import os
+
+    assert "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
 
 
 def test_flops_per_pixel_of_the_classic_unet():

@@ -4,29 +4,24 @@ Batch normalisation is used in eval mode at inference, where it is a per-pixel a
 a pixel's logits then depend only on the inputs inside its receptive field, which is what
 makes tiled inference with a wide enough halo equal whole-image inference.
 
-The forward pass takes two performance options that leave the parameter tree (and so every
-checkpoint) unchanged: ``dtype``, the compute dtype (parameters stay float32 and are cast in
-the forward; batch-norm statistics and the logits stay float32), and ``conv``, how the
-convolutions are lowered: ``"xla"`` uses ``lax.conv_general_dilated`` and
-``lax.conv_transpose``; ``"matmul"`` writes every 3x3 convolution as patches (im2col: the
-nine shifted views concatenated along channels) times the reshaped kernel, the 2x2 stride-2
-transposed convolution as one matrix multiply followed by depth-to-space, and max-pooling
-as a reshape and max. Both compute the same function; ``matmul`` is faster with XLA's CPU
-backend, whose convolutions reach a fraction of its matrix-multiply rate.
+The forward pass is written for memory traffic, which is what XLA's CPU backend is short of
+(every op between two convolutions is a full pass over a large activation): the decoder's
+first convolution over ``concat([up, skip])`` is computed as the sum of two convolutions
+over its kernel's halves, so the concatenation is never written; the 2x2 stride-2
+transposed convolution is one matrix multiply followed by depth-to-space (XLA's
+``conv_transpose`` computes on a zero-dilated input); max-pooling is a reshape and max.
+The parameter tree is that of the plain layers, so checkpoints do not depend on this, and
+tests check the forward against the plain layers. ``dtype`` is the compute dtype
+(parameters stay float32 and are cast in the forward; batch-norm statistics and the logits
+stay float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-ConvImpl = Literal["xla", "matmul"]
-CONV_IMPLS: tuple[str, ...] = ("xla", "matmul")
-
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -87,36 +82,25 @@ def flops_per_pixel(config: UNetConfig) -> int:
     return int(round(total))
 
 
-def _conv3x3(conv: nnx.Conv, x: jax.Array, impl: str, dtype) -> jax.Array:
-    """A 3x3 'SAME' convolution without bias through ``conv``'s kernel."""
-    kernel = conv.kernel[...].astype(dtype)
-    x = x.astype(dtype)
-    if impl == "xla":
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    n, h, w, c = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = jnp.concatenate([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
-    return jnp.dot(patches, kernel.reshape(9 * c, -1))
+def _conv3x3(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """A 3x3 'SAME' convolution without bias, computed in ``dtype``."""
+    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _upsample(conv: nnx.ConvTranspose, x: jax.Array, impl: str, dtype) -> jax.Array:
+def _upsample(conv: nnx.ConvTranspose, x: jax.Array, dtype) -> jax.Array:
     """The 2x2 stride-2 transposed convolution (with bias) that doubles the resolution."""
     kernel = conv.kernel[...].astype(dtype)  # (2, 2, c, o)
-    x = x.astype(dtype)
-    if impl == "xla":
-        y = jax.lax.conv_transpose(x, kernel, conv.strides, conv.padding, transpose_kernel=conv.transpose_kernel)
-        return y + conv.bias[...].astype(dtype)
     n, h, w, c = x.shape
     o = kernel.shape[-1]
     # lax.conv_transpose (transpose_kernel=False) puts x[i, j] @ kernel[1 - a, 1 - b] at (2i + a, 2j + b).
-    y = jnp.dot(x, kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o))  # (n, h, w, 2*2*o)
+    y = jnp.dot(x.astype(dtype), kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o))  # (n, h, w, 2*2*o)
     y = y.reshape(n, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
     return y + conv.bias[...].astype(dtype)
 
 
-def _max_pool(x: jax.Array, impl: str) -> jax.Array:
-    if impl == "xla":
-        return nnx.max_pool(x, (2, 2), strides=(2, 2))
+def _max_pool(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 (sizes are multiples of 2 at every level)."""
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
@@ -135,9 +119,19 @@ class ConvBlock(nnx.Module):
         self.conv2 = nnx.Conv(out_features, out_features, (3, 3), use_bias=False, rngs=rngs)
         self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, conv: ConvImpl = "xla", dtype=jnp.float32) -> jax.Array:
-        x = _norm_relu(self.norm1, _conv3x3(self.conv1, x, conv, dtype), dtype)
-        return _norm_relu(self.norm2, _conv3x3(self.conv2, x, conv, dtype), dtype)
+    def __call__(self, x: jax.Array, skip: jax.Array | None = None, *, dtype=jnp.float32) -> jax.Array:
+        """The block on ``x``, or on ``concat([x, skip])`` along channels when ``skip`` is given.
+
+        The concatenation is not formed: ``conv1`` is applied to each part with its share of
+        the kernel's input channels and the two results are added (the same sum).
+        """
+        kernel = self.conv1.kernel[...]
+        c = x.shape[-1]
+        y = _conv3x3(x, kernel[:, :, :c], dtype)
+        if skip is not None:
+            y = y + _conv3x3(skip, kernel[:, :, c:], dtype)
+        x = _norm_relu(self.norm1, y, dtype)
+        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype), dtype)
 
 
 class UNet(nnx.Module):
@@ -156,21 +150,18 @@ class UNet(nnx.Module):
         self.up = nnx.List([ConvBlock(2 * widths[i], widths[i], rngs=rngs) for i in reversed(range(config.depth))])
         self.head = nnx.Conv(widths[0], config.num_classes, (1, 1), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, conv: ConvImpl = "xla", dtype=jnp.float32) -> jax.Array:
-        """Logits (float32) of NHWC ``x``; ``conv`` and ``dtype`` are described in the module doc."""
-        if conv not in CONV_IMPLS:
-            raise ValueError(f"conv must be one of {', '.join(CONV_IMPLS)}, got {conv!r}")
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+        """Logits (float32) of NHWC ``x``, computed in ``dtype`` (see the module doc)."""
         dtype = jnp.dtype(dtype)
         x = x.astype(dtype)
         skips = []
         for block in self.down:
-            x = block(x, conv=conv, dtype=dtype)
+            x = block(x, dtype=dtype)
             skips.append(x)
-            x = _max_pool(x, conv)
-        x = self.bottleneck(x, conv=conv, dtype=dtype)
+            x = _max_pool(x)
+        x = self.bottleneck(x, dtype=dtype)
         for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
-            x = jnp.concatenate([_upsample(upsample, x, conv, dtype), skip], axis=-1)
-            x = block(x, conv=conv, dtype=dtype)
+            x = block(_upsample(upsample, x, dtype), skip, dtype=dtype)
         head = self.head.kernel[...][0, 0].astype(dtype)
         return jnp.dot(x, head, preferred_element_type=jnp.float32) + self.head.bias[...]
 
