@@ -229,15 +229,34 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def resolve_paths(data: dict[str, Any], base: Path, fields: tuple[str, ...]) -> dict[str, Any]:
-    """Make relative path fields absolute against ``base`` (the workflow file's folder)."""
+    """Make relative path fields absolute against ``base`` (the workflow file's folder).
+
+    ``~`` is expanded; GDAL virtual paths and ``scheme://`` references are left alone. A
+    ``*`` in a field walks every item of a list (``data.pairs.*.image``), and a field whose
+    value is a list has each item resolved.
+    """
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if not isinstance(value, str) or is_gdal_path(value) or "://" in value:
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    def walk(node: Any, parts: list[str]) -> None:
+        head, *rest = parts
+        if head == "*":
+            for item in node if isinstance(node, list) else []:
+                walk(item, rest)
+        elif isinstance(node, dict) and head in node:
+            if rest:
+                walk(node[head], rest)
+            else:
+                node[head] = resolve(node[head])
+
     for dotted in fields:
-        *parents, leaf = dotted.split(".")
-        node: Any = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not is_gdal_path(node[leaf]):
-            value = Path(node[leaf]).expanduser()
-            node[leaf] = str(value if value.is_absolute() else (base / value).resolve())
+        walk(data, dotted.split("."))
     return data
 
 

@@ -37,6 +37,21 @@ def test_set_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
     assert cfg.optimizer.steps == 7
 
 
+def test_home_paths_are_expanded_in_the_file_and_in_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_train_workflow(write(tmp_path, output={"checkpoint": "~/m.safetensors"}))
+    assert cfg.output.checkpoint == tmp_path / "home" / "m.safetensors"
+    cfg = load_train_workflow(write(tmp_path), ["output.checkpoint=~/n.safetensors"])
+    assert cfg.output.checkpoint == tmp_path / "home" / "n.safetensors"
+
+
+def test_set_pairs_lists_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_workflow(write(tmp_path), ["data.pairs=[{image: [b1.tif, b2.tif], labels: l.tif}]"])
+    assert cfg.data.pairs[0].images == (tmp_path / "b1.tif", tmp_path / "b2.tif")
+    assert cfg.data.pairs[0].labels == tmp_path / "l.tif"
+
+
 def test_stacked_band_files_and_directories(tmp_path):
     (tmp_path / "wf" / "imgs").mkdir(parents=True)
     (tmp_path / "wf" / "labs").mkdir()

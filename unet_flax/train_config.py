@@ -217,40 +217,10 @@ class TrainWorkflow(Section):
             raise ValueError(f"sampling.patch {self.sampling.patch} must be a multiple of {2**self.architecture.depth}")
         return self
 
-    def resolved(self, base: Path) -> TrainWorkflow:
-        """A copy with every relative path made absolute against ``base``."""
-        data = self.model_dump()
 
-        def fix(value: Any) -> Any:
-            if isinstance(value, list):
-                return [fix(v) for v in value]
-            return value if value is None or Path(value).is_absolute() else (base / value).resolve()
-
-        for key in ("images_dir", "labels_dir"):
-            data["data"][key] = fix(data["data"][key])
-        for pair in data["data"]["pairs"]:
-            pair["image"], pair["labels"] = fix(pair["image"]), fix(pair["labels"])
-        data["output"]["checkpoint"] = fix(data["output"]["checkpoint"])
-        return TrainWorkflow.model_validate(data)
-
-
-PATH_KEYS = ("image", "labels", "images_dir", "labels_dir", "checkpoint")
-
-
-def _absolute_overrides(overrides: list[str]) -> list[str]:
-    """``--set`` paths are relative to the current directory, so make them absolute here."""
-    out = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        text = value.strip()
-        if sep and key.strip().split(".")[-1] in PATH_KEYS and text and not text.startswith(("pkg://", "[", "/", "~")):
-            item = f"{key}={Path(text).resolve()}"
-        out.append(item)
-    return out
+PATH_FIELDS = ("data.images_dir", "data.labels_dir", "data.pairs.*.image", "data.pairs.*.labels", "output.checkpoint")
 
 
 def load_train_workflow(path: str | Path, overrides: list[str] = ()) -> TrainWorkflow:
     """The validated training workflow at ``path`` with ``--set`` overrides applied."""
-    path = Path(path)
-    cfg = load_config(TrainWorkflow, path, _absolute_overrides(list(overrides)))
-    return cfg.resolved(path.resolve().parent)
+    return load_config(TrainWorkflow, path, list(overrides), PATH_FIELDS)
