@@ -118,21 +118,20 @@ def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 5
     return path
 
 
-def matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
-    """Best float32 ``n x n @ n x n`` rate of the default device under XLA, in GFLOP/s."""
+def matmul_rates(n: int = 2048, min_seconds: float = 2.0) -> dict[str, Any]:
+    """Best float32 ``n x n @ n x n`` rates in GFLOP/s: XLA's on the default device and, on
+    CPU, NumPy's BLAS; ``gflops`` is the faster, the reference the model is measured against."""
     import jax
 
-    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a = jax.device_put(host)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
-    return 2 * n**3 / _best_time(lambda: f(a).block_until_ready(), min_seconds) / 1e9
-
-
-def numpy_matmul_gflops(n: int = 2048, min_seconds: float = 2.0) -> float:
-    """Best float32 ``n x n @ n x n`` rate of NumPy's BLAS on the host CPU, in GFLOP/s."""
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    a @ a
-    return 2 * n**3 / _best_time(lambda: a @ a, min_seconds) / 1e9
+    rates = {"xla_gflops": 2 * n**3 / _best_time(lambda: f(a).block_until_ready(), min_seconds) / 1e9,
+             "numpy_gflops": None}
+    if jax.default_backend() == "cpu":
+        rates["numpy_gflops"] = 2 * n**3 / _best_time(lambda: host @ host, min_seconds) / 1e9
+    return {"n": n, "gflops": max(rates["xla_gflops"], rates["numpy_gflops"] or 0.0), **rates}
 
 
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
@@ -328,12 +327,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             report["batch"] = {"value": batch, "auto": False}
         echo(f"batch: {batch}{' (auto)' if opts.batch == 'auto' else ''}")
 
-        xla_mm = matmul_gflops(2048, min(2.0, opts.min_seconds))
-        numpy_mm = numpy_matmul_gflops(2048, min(2.0, opts.min_seconds)) if jax.default_backend() == "cpu" else None
-        report["matmul"] = {"n": 2048, "gflops": max(xla_mm, numpy_mm or 0.0), "xla_gflops": xla_mm,
-                            "numpy_gflops": numpy_mm}
-        echo(f"matmul float32 2048^3: XLA {xla_mm:.1f} GFLOP/s"
-             + (f", NumPy {numpy_mm:.1f} GFLOP/s" if numpy_mm else ""))
+        mm = report["matmul"] = matmul_rates(2048, min(2.0, opts.min_seconds))
+        echo(f"matmul float32 2048^3: XLA {mm['xla_gflops']:.1f} GFLOP/s"
+             + (f", NumPy {mm['numpy_gflops']:.1f} GFLOP/s" if mm["numpy_gflops"] else ""))
 
         # The scene, and real normalised tiles of it for the model-only and precision runs.
         scene_dir = work / "scene"

@@ -298,16 +298,24 @@ def finish_and_skip(tmp_path: Path, wf: Path, inputs: Path, n: int) -> None:
     assert after == before
 
 
-def test_sigkill_mid_run_then_a_normal_run_finishes_the_job(tmp_path, make_workflow):
+def started_until_a_file_finished(tmp_path, make_workflow, name):
+    """Six inputs, their workflow, its log and the CLI running it, once a file has finished."""
     inputs = make_inputs(tmp_path, n=6, shape=(96, 128))
     wf = make_workflow(inputs)
-    log = tmp_path / "killed.log"
+    log = tmp_path / f"{name}.log"
     proc = cli(wf, log=log)
     try:
         wait_for(lambda: file_events(log) or proc.poll() is not None, 180, "no file finished")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    return inputs, wf, log, proc
+
+
+def test_sigkill_mid_run_then_a_normal_run_finishes_the_job(tmp_path, make_workflow):
+    inputs, wf, _, proc = started_until_a_file_finished(tmp_path, make_workflow, "killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert len(list(outdir(tmp_path).glob("s?.tif"))) < 6, "the kill came after the run had finished"
     assert_no_partial_outputs(inputs, outdir(tmp_path))
@@ -336,12 +344,8 @@ def test_sigkill_at_random_moments(tmp_path, make_workflow):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_sigterm_and_sigint_stop_cleanly_with_128_plus_the_signal(tmp_path, make_workflow, signum):
-    inputs = make_inputs(tmp_path, n=6, shape=(96, 128))
-    wf = make_workflow(inputs)
-    log = tmp_path / "term.log"
-    proc = cli(wf, log=log)
+    inputs, wf, log, proc = started_until_a_file_finished(tmp_path, make_workflow, "term")
     try:
-        wait_for(lambda: file_events(log) or proc.poll() is not None, 180, "no file finished")
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum, log.read_text()
     finally:

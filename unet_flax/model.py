@@ -19,9 +19,11 @@ stay float32).
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
