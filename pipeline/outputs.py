@@ -99,10 +99,18 @@ class Stage:
         self.pairs: list[tuple[Path, Path, bool]] = []
 
     def add(self, dest: Path, partial: Path | None = None, *, optional: bool = False) -> Path:
-        """Register ``dest``; return the partial name to write (an optional one may not appear)."""
+        """Register ``dest``; return the partial name to write (an optional one may not appear).
+
+        An optional file whose partial is never written is removed from ``dest`` on publish,
+        so a stale one from an earlier run does not outlive the product it belonged to.
+        """
         partial = partial or temporary_name(dest, dest.suffix)
         self.pairs.append((partial, dest, optional))
         return partial
+
+    def partial(self, dest: Path) -> Path:
+        """The partial name registered for ``dest``."""
+        return next(partial for partial, d, _ in self.pairs if d == dest)
 
     def publish(self) -> None:
         """Rename sidecars first and the first registered (main) file last."""
@@ -112,25 +120,44 @@ class Stage:
         for partial, dest, _ in reversed(self.pairs):
             if partial.exists():
                 os.replace(partial, dest)
-            else:  # an optional sidecar this version did not write: drop a stale one
+            else:  # an optional file this product does not have: drop a stale one
                 dest.unlink(missing_ok=True)
 
     def clean(self) -> None:
         """Remove partial files and whatever GDAL or SQLite left beside them."""
+        names: dict[Path, list[str]] = {}
         for partial, _, _ in self.pairs:
-            if partial.parent.is_dir():
-                for leftover in partial.parent.iterdir():
-                    if leftover.name.startswith(partial.name):
+            names.setdefault(partial.parent, []).append(partial.name)
+        for parent, prefixes in names.items():
+            if parent.is_dir():
+                for leftover in parent.iterdir():
+                    if leftover.name.startswith(tuple(prefixes)):
                         leftover.unlink(missing_ok=True)
 
 
 @contextmanager
 def staged() -> Iterator[Stage]:
+    """A new stage whose partials are removed on leaving; its owner calls ``publish``."""
     stage = Stage()
     try:
         yield stage
     finally:
         stage.clean()
+
+
+@contextmanager
+def within(stage: Stage | None) -> Iterator[Stage]:
+    """``stage`` as given (its owner publishes), or a new one published on success.
+
+    Lets one product's writer either publish on its own or join a larger product, such as
+    a mask with its confidence raster and polygons, that is published as one.
+    """
+    if stage is not None:
+        yield stage
+        return
+    with staged() as own:
+        yield own
+        own.publish()
 
 
 # --- classes: colour table, names, QGIS style -------------------------------------------
@@ -299,13 +326,15 @@ def _dataset_tags(provenance: Mapping[str, str], resampling: str) -> dict[str, s
     return {**{k: str(v) for k, v in provenance.items()}, "OVERVIEW_RESAMPLING": resampling}
 
 
-def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str]) -> Path:
+def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
+                  stage: Stage | None = None) -> Path:
     """Write ``tmp_mask`` (uint8 codes, nodata 255) as a COG at ``dest`` with its sidecars, atomically.
 
-    Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png`` quicklook.
+    Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png``
+    quicklook. With ``stage`` the files join it (mask registered first) and its owner publishes.
     """
     files = MaskFiles(Path(dest))
-    with staged() as stage:
+    with within(stage) as stage:
         cog = stage.add(files.mask)
         stage.add(files.aux, cog.with_name(cog.name + ".aux.xml"))
         style = stage.add(files.style)
@@ -318,24 +347,26 @@ def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[
         _write_cog(root, cog, resampling="MODE", predictor=False)
         style.write_text(qml_style(card), encoding="utf-8")
         _render_quicklook(cog, png, QUICKLOOK_SIZE)
-        stage.publish()
     return files.mask
 
 
-def finalize_confidence(tmp_conf: Path, dest: Path, provenance: dict[str, str]) -> Path:
+def finalize_confidence(tmp_conf: Path, dest: Path, provenance: dict[str, str], *,
+                        stage: Stage | None = None) -> Path:
     """Write ``tmp_conf`` (max softmax probability, uint8 0-100, nodata 255) as a COG, atomically."""
-    return _finalize_continuous(Path(tmp_conf), Path(dest), provenance, [("confidence", {})], "confidence raster")
+    return _finalize_continuous(Path(tmp_conf), Path(dest), provenance, [("confidence", {})], "confidence raster",
+                                stage)
 
 
-def finalize_probabilities(tmp: Path, dest: Path, card: ModelCard, provenance: dict[str, str]) -> Path:
+def finalize_probabilities(tmp: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
+                           stage: Stage | None = None) -> Path:
     """Write ``tmp`` (one uint8 0-100 band per class, in card order, nodata 255) as a COG, atomically."""
     bands = [(f"probability of {c.name}", {"CLASS_CODE": str(c.code), "CLASS_NAME": c.name}) for c in card.classes]
-    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster")
+    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster", stage)
 
 
 def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
-                         bands: Sequence[tuple[str, dict[str, str]]], what: str) -> Path:
-    with staged() as stage:
+                         bands: Sequence[tuple[str, dict[str, str]]], what: str, stage: Stage | None) -> Path:
+    with within(stage) as stage:
         cog = stage.add(dest)
         stage.add(MaskFiles(dest).aux, cog.with_name(cog.name + ".aux.xml"), optional=True)
         with open_raster(tmp) as src:
@@ -345,7 +376,6 @@ def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
                 band = vrt_band(root, index, description=description, tags=tags, unit="%")
                 vrt_source(band, tmp.resolve(), index)
         _write_cog(root, cog, resampling="AVERAGE", predictor=True)
-        stage.publish()
     return dest
 
 
@@ -354,10 +384,8 @@ def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
 
 def write_quicklook(mask: Path, dest: Path, max_size: int = QUICKLOOK_SIZE) -> Path:
     """An RGBA PNG of ``mask`` through its own colour table, at most ``max_size`` px on the long side."""
-    with staged() as stage:
-        partial = stage.add(Path(dest))
-        _render_quicklook(Path(mask), partial, max_size)
-        stage.publish()
+    with within(None) as stage:
+        _render_quicklook(Path(mask), stage.add(Path(dest)), max_size)
     return Path(dest)
 
 

@@ -39,7 +39,7 @@ from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
 from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport
-from pipeline.sink import MaskSink, clean_partials, explain_write_failure, one_line
+from pipeline.sink import MaskSink, clean_partials, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
@@ -351,8 +351,6 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                             done += 1
                             bar.set_description(f"{done}/{len(files)} files")
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
-                        if file.sink is not None:
-                            exc = explain_write_failure(exc, list(file.sink.paths.values()))
                         fail(file, one_line(exc))
                 submit_next()
     finally:

@@ -7,7 +7,6 @@ removes on the next run while it holds the workflow's lock.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import shutil
@@ -59,13 +58,16 @@ class MaskSink:
             raise
 
     def write(self, result: BatchResult) -> None:
-        for tile_result in result.tiles:
-            window = tile_result.tile.core
-            self.datasets["classes"].write(tile_result.classes, 1, window=window)
-            if "confidence" in self.datasets:
-                self.datasets["confidence"].write(tile_result.confidence, 1, window=window)
-            if "probabilities" in self.datasets:
-                self.datasets["probabilities"].write(tile_result.probabilities, window=window)
+        try:
+            for tile_result in result.tiles:
+                window = tile_result.tile.core
+                self.datasets["classes"].write(tile_result.classes, 1, window=window)
+                if "confidence" in self.datasets:
+                    self.datasets["confidence"].write(tile_result.confidence, 1, window=window)
+                if "probabilities" in self.datasets:
+                    self.datasets["probabilities"].write(tile_result.probabilities, window=window)
+        except Exception as exc:
+            raise explain_write_failure(exc, list(self.paths.values())) from exc
 
     def close(self) -> None:
         for dataset in self.datasets.values():
@@ -79,35 +81,41 @@ class MaskSink:
     def finalize(self, card: ModelCard, provenance: dict[str, str]) -> Path:
         """Publish the finished, verified COGs and remove temporaries.
 
-        The products are written into a hidden staging folder beside the destination, checked
-        there (every block readable, the input's grid), then renamed into place: companions
-        first, the mask last. Any failure leaves the previous outputs as they were.
+        Every product is written under a partial name beside its destination and checked
+        there (the input's grid, every block readable); then all are renamed into place as one
+        stage: companions first, the mask last, and companions this workflow does not produce
+        (confidence, probabilities, polygons) removed, so no stale one is left beside a new
+        mask. Any failure leaves the previous outputs as they were.
         """
-        stage = temporary_name(self.dest, ".d")
+        files = outputs.MaskFiles(self.dest)
+        continuous = (("confidence", files.confidence, outputs.finalize_confidence, ()),
+                      ("probabilities", files.probabilities, outputs.finalize_probabilities, (card,)))
         try:
             self.close()
-            for name, path in self.paths.items():
-                verify_raster(path, self.info, self.bands[name])
-            stage.mkdir()
-            staged = outputs.MaskFiles(stage / self.dest.name)
-            if "confidence" in self.paths:
-                outputs.finalize_confidence(self.paths["confidence"], staged.confidence, provenance)
-            if "probabilities" in self.paths:
-                outputs.finalize_probabilities(self.paths["probabilities"], staged.probabilities, card, provenance)
-            outputs.finalize_mask(self.paths["classes"], staged.mask, card, provenance)
-            if self.section.polygons:
-                write_polygons(staged.mask, staged.polygons, card, self.section.simplify)
-            verify_raster(staged.mask, self.info, 1)
-            for name, path in (("confidence", staged.confidence), ("probabilities", staged.probabilities)):
-                if name in self.paths:
-                    verify_raster(path, self.info, self.bands[name])
-            publish_staged(stage, staged.mask.name, self.dest.parent)
+            with outputs.staged() as stage:
+                try:
+                    outputs.finalize_mask(self.paths["classes"], files.mask, card, provenance, stage=stage)
+                    for name, dest, finalize, args in continuous:
+                        if name in self.paths:
+                            finalize(self.paths[name], dest, *args, provenance, stage=stage)
+                        else:
+                            stage.add(dest, optional=True)
+                            stage.add(outputs.MaskFiles(dest).aux, optional=True)
+                    if self.section.polygons:
+                        write_polygons(stage.partial(files.mask), files.polygons, card, self.section.simplify,
+                                       stage=stage)
+                    else:
+                        stage.add(files.polygons, optional=True)
+                    verify_raster(stage.partial(files.mask), self.info, 1)
+                    for name, dest, _, _ in continuous:
+                        if name in self.paths:
+                            verify_raster(stage.partial(dest), self.info, self.bands[name])
+                    stage.publish()
+                except Exception as exc:
+                    raise explain_write_failure(exc, [*self.paths.values(), *(p for p, _, _ in stage.pairs)]) from exc
             return self.dest
-        except Exception as exc:
-            raise explain_write_failure(exc, [*self.paths.values(), stage]) from exc
         finally:
             self.discard()
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 def verify_raster(path: Path, info: RasterInfo, count: int) -> None:
@@ -122,13 +130,6 @@ def verify_raster(path: Path, info: RasterInfo, count: int) -> None:
                 raise OutputError(f"{path.name}: written with a different CRS or transform than the input")
             for _, window in src.block_windows(1):
                 src.read(window=window)
-
-
-def publish_staged(stage: Path, main: str, dest_dir: Path) -> None:
-    """Rename every file in ``stage`` into ``dest_dir``, the file named ``main`` last."""
-    names = sorted(p.name for p in stage.iterdir())
-    for name in sorted(names, key=lambda n: n == main):
-        os.replace(stage / name, dest_dir / name)
 
 
 class OutputError(TilepipeError, OSError):
@@ -155,8 +156,6 @@ def explain_write_failure(exc: Exception, paths: list[Path]) -> Exception:
 
 def _size(path: Path) -> int:
     try:
-        if path.is_dir():
-            return max((p.stat().st_size for p in path.iterdir()), default=0)
         return path.stat().st_size
     except OSError:
         return 0
@@ -170,11 +169,8 @@ def clean_partials(directory: Path) -> list[Path]:
     removed = []
     if directory.is_dir():
         for path in directory.iterdir():
-            if PARTIAL.match(path.name):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            if PARTIAL.match(path.name) and not path.is_dir():
+                path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

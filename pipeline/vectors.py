@@ -13,14 +13,15 @@ from rasterio.features import shapes
 from shapely.affinity import affine_transform
 from shapely.geometry import mapping, shape
 
-from pipeline.outputs import open_raster, provenance_of, staged
+from pipeline.outputs import Stage, open_raster, provenance_of, within
 from pipeline.stitch import NODATA
 from unet_flax.checkpoint import ModelCard
 
 POLYGON_LAYER = "classes"
 
 
-def write_polygons(mask_path: Path, dest_gpkg: Path, card: ModelCard, tolerance: float) -> Path:
+def write_polygons(mask_path: Path, dest_gpkg: Path, card: ModelCard, tolerance: float, *,
+                   stage: Stage | None = None) -> Path:
     """One GeoPackage layer of class polygons (class_code, class_name), simplified as a coverage.
 
     ``tolerance`` is in CRS units (0 keeps pixel edges); the simplification works on the whole
@@ -42,7 +43,7 @@ def write_polygons(mask_path: Path, dest_gpkg: Path, card: ModelCard, tolerance:
         geoms = shapely.coverage_simplify(shapely.segmentize(geoms, 1.0), tolerance / pixel)
     geoms = [affine_transform(g, transform.to_shapely()) for g in geoms]
     schema = {"geometry": "Polygon", "properties": {"class_code": "int", "class_name": "str"}}
-    with staged() as stage:
+    with within(stage) as stage:
         partial = stage.add(Path(dest_gpkg))
         with fiona.open(partial, "w", driver="GPKG", layer=POLYGON_LAYER, schema=schema, crs=crs) as dst:
             dst.update_tags(tags)
@@ -50,5 +51,4 @@ def write_polygons(mask_path: Path, dest_gpkg: Path, card: ModelCard, tolerance:
                 fiona.Feature.from_dict(geometry=mapping(g), properties={
                     "class_code": int(v), "class_name": names.get(int(v), f"class {int(v)}")})
                 for g, (_, v) in zip(geoms, found, strict=True))
-        stage.publish()
     return Path(dest_gpkg)

@@ -386,3 +386,19 @@ def test_a_file_size_limit_fails_the_big_file_clearly_and_leaves_nothing(tmp_pat
     assert not (outdir(tmp_path) / "big.tif").exists()
     assert partials(outdir(tmp_path)) == []
     assert_complete(outdir(tmp_path) / "small.tif", inputs / "small.tif")
+
+
+def test_a_rerun_without_companions_removes_the_old_ones(tmp_path, make_workflow):
+    inputs = make_inputs(tmp_path, n=1)
+    wf = make_workflow(inputs, output={"confidence": True, "probabilities": True, "polygons": True})
+    assert run(wf) == 0
+    out = outdir(tmp_path)
+    companions = ["s0.confidence.tif", "s0.probabilities.tif", "s0.gpkg"]
+    assert all((out / name).exists() for name in companions)
+    wf = make_workflow(inputs)  # the same inputs, no companions asked for
+    assert run(wf) == 0
+    assert [name for name in companions if (out / name).exists()] == []
+    assert sorted(p.name for p in out.glob("s0*.aux.xml")) == ["s0.tif.aux.xml"]
+    item = json.loads((out / "s0.item.json").read_text())
+    assert not any(a["href"].endswith(tuple(companions)) for a in item["assets"].values())
+    assert partials(out) == []
