@@ -560,7 +560,8 @@ def _arch(text: str) -> tuple[int, int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def _batch(text: str) -> int | str:
+def batch_size(text: str) -> int | str:
+    """A --batch value (argparse type): a positive integer or auto."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
@@ -577,7 +578,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=4096, help="side of the generated scene in pixels (default 4096)")
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--halo", type=int, default=64)
-    p.add_argument("--batch", type=_batch, default=8, help="tiles per batch, or auto")
+    p.add_argument("--batch", type=batch_size, default=8, help="tiles per batch, or auto")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")

@@ -298,18 +298,15 @@ def auto_batch(checkpoint: Checkpoint, spec: TileSpec, *, precision: str = "auto
     return batch
 
 
-def resolve_batch(wf: Any) -> Any:
+def resolve_batch(wf: Any, spec: TileSpec) -> Any:
     """``wf`` with ``tiling.batch: auto`` replaced by the probed (or remembered) batch size.
 
-    For the runner to call once, before planning batches; a fixed batch is returned as is.
+    For the runner to call once, after validating the workflow and before planning batches;
+    a fixed batch is returned as is.
     """
     if wf.tiling.batch != "auto":
         return wf
-    checkpoint = load_checkpoint(wf.model.checkpoint)
-    from pipeline.windows import tile_spec
-
-    spec = tile_spec(wf.tiling.tile, wf.tiling.halo, checkpoint.card.unet.factor)
     cache = wf.runtime.compilation_cache
     configure_jax(str(cache) if cache else None)
-    batch = auto_batch(checkpoint, spec, precision=wf.runtime.precision, cache_dir=cache)
+    batch = auto_batch(load_checkpoint(wf.model.checkpoint), spec, precision=wf.runtime.precision, cache_dir=cache)
     return wf.model_copy(update={"tiling": wf.tiling.model_copy(update={"batch": batch})})

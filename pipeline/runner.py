@@ -198,7 +198,6 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
     file behind and marks the run ``interrupted`` in the ledger before it propagates.
     """
     log = log or RunLog(notes=echo)
-    wf = resolve_batch(wf)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
@@ -209,6 +208,7 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         raise WorkflowError(str(exc)) from exc
     if isinstance(wf.input.dir, Path) and wf.output.dir.resolve() == wf.input.dir.resolve():
         raise WorkflowError("output.dir: must differ from input.dir (outputs would be read as inputs next run)")
+    wf = resolve_batch(wf, spec)  # after the workflow is known to be valid: probing compiles the model
     inputs = discover_inputs(wf.input.source, wf.input.pattern)
     if spec.halo < model.card.unet.receptive_radius:
         log.note(f"note: halo {spec.halo} < receptive radius {model.card.unet.receptive_radius} px of the model; "

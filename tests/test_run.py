@@ -118,12 +118,23 @@ def test_tile_size_does_not_change_the_result(tmp_path, make_workflow):
     (["--tile", "30"], "multiple of the model's down-sampling factor"),
     (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
     (["--set", "tiling.halo=-4"], "tiling.halo"),
+    (["--tile", "30", "--batch", "auto"], "multiple of the model's down-sampling factor"),
+    (["--set", "bands=[1,2]", "--batch", "auto"], "bands: the workflow selects 2"),
 ])
 def test_usage_errors_exit_2_with_the_field(tmp_path, make_workflow, capsys, args, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
     assert run(make_workflow(inputs), *args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_batch_on_the_command_line_is_a_positive_integer_or_auto(tmp_path, make_workflow, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run(make_workflow(inputs), "--batch", "0")
+    assert exit_info.value.code == 2 and "--batch is a positive integer or auto" in capsys.readouterr().err
+    assert run(make_workflow(inputs), "--batch", "auto") == 0
 
 
 def test_an_empty_directory_is_not_an_error(tmp_path, make_workflow, capsys):
