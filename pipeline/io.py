@@ -137,9 +137,9 @@ def raster_sha256(path: InputPath) -> str:
     return digest.hexdigest()
 
 
-def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
-    """Open an input for reading, turning rasterio's errors into :class:`InputError`."""
+def open_input(path: str | os.PathLike[str], what: str = "raster") -> rasterio.DatasetReader:
+    """Open an input raster for reading, turning rasterio's errors into :class:`InputError`."""
     try:
         return rasterio.open(path)
     except (RasterioError, OSError) as exc:
-        raise InputError(f"{Path(path).name}: cannot open ({str(exc).splitlines()[0]})") from exc
+        raise InputError(f"{path}: cannot open {what} ({str(exc).splitlines()[0]})") from exc

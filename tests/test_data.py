@@ -86,6 +86,26 @@ def test_single_band_files_of_mixed_dtype_and_nodata_stack_in_the_given_order(tm
     assert np.isnan(image[0, 5, 0]) and image[0, 5, 1] == 2.5
 
 
+def test_an_internal_mask_is_no_data_for_training_as_for_inference(tmp_path):
+    from pipeline.io import read_tile
+    from pipeline.windows import plan_tiles, tile_spec
+
+    data = np.full((2, 16, 16), 500, np.uint16)
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=2, dtype="uint16",
+                           crs=CRS.from_epsg(32633), transform=TRANSFORM) as dst:
+            dst.write(data)
+            mask = np.full((16, 16), 255, np.uint8)
+            mask[:4] = 0
+            dst.write_mask(mask)
+    image, valid, _, _ = read_image([path], None)
+    assert valid.sum() == 12 * 16 and not valid[:4].any() and np.isnan(image[:4]).all()
+    with rasterio.open(path) as src:
+        _, tile_valid = read_tile(src, plan_tiles(16, 16, tile_spec(16, 0, 1))[0], [1, 2])
+    np.testing.assert_array_equal(valid, tile_valid)
+
+
 def test_unknown_label_values_are_an_error_naming_the_fix():
     values = np.array([[0, 1], [5, np.nan]], dtype=np.float64)
     with pytest.raises(InputError, match=r"\[5\.0\].*data.ignore"):

@@ -22,6 +22,7 @@ from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 
 from pipeline.errors import InputError
+from pipeline.io import open_input
 from unet_flax.losses import IGNORE
 from unet_flax.train_config import VECTOR_SUFFIXES, DataSection
 
@@ -70,8 +71,8 @@ class Stats:
 def read_image(
     paths: Sequence[Path], bands: Sequence[int] | None, require: str = "all"
 ) -> tuple[np.ndarray, np.ndarray, Grid, tuple[str, ...]]:
-    """Raw values ``(H, W, B)`` as float32 (NaN where a band is nodata), validity, grid and
-    band names of one image.
+    """Raw values ``(H, W, B)`` as float32 (NaN where a band's dataset mask says no data, as
+    :func:`pipeline.io.read_tile` reads it), validity, grid and band names of one image.
 
     ``paths`` is one multi-band file or several files (any dtypes and nodata values) whose
     bands are stacked in order; ``bands`` (1-based) then picks from the stack. A pixel is
@@ -81,18 +82,17 @@ def read_image(
     names: list[str] = []
     grid: Grid | None = None
     for path in paths:
-        with _open(path, "image") as src:
+        with open_input(path, "image") as src:
             here = Grid(src.height, src.width, src.transform, src.crs)
             if grid is None:
                 grid = here
             elif not same_grid(here, grid):
                 raise InputError(f"{path}: grid differs from {paths[0]}; stacked band files must share one grid")
             data = src.read().astype(np.float32)
+            masks = src.read_masks()  # nodata value, internal mask or alpha: what inference reads too
             for i in range(src.count):
                 band = data[i]
-                nodata = src.nodatavals[i]
-                if nodata is not None and not np.isnan(nodata):
-                    band[band == np.float32(nodata)] = np.nan
+                band[masks[i] == 0] = np.nan
                 layers.append(band)
                 fallback = Path(path).stem if len(paths) > 1 and src.count == 1 else f"band{len(names) + 1}"
                 names.append(src.descriptions[i] or fallback)
@@ -105,13 +105,6 @@ def read_image(
     valid = has_data.all(axis=-1) if require == "all" else has_data.any(axis=-1)
     image[~valid] = np.nan
     return image, valid, grid, tuple(names[i] for i in picks)
-
-
-def _open(path: Path, what: str) -> rasterio.io.DatasetReader:
-    try:
-        return rasterio.open(path)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"{path}: cannot open {what} ({exc})") from exc
 
 
 def same_grid(a: Grid, b: Grid) -> bool:
@@ -128,7 +121,7 @@ def read_label_raster(path: Path, grid: Grid) -> np.ndarray:
 
     A label raster on another grid or CRS is reprojected with nearest-neighbour resampling.
     """
-    with _open(path, "labels") as src:
+    with open_input(path, "labels") as src:
         here = Grid(src.height, src.width, src.transform, src.crs)
         nodata = src.nodata
         if same_grid(here, grid):
