@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,15 +63,15 @@ class Mosaic:
     res: tuple[float, float]
     grids: tuple[Grid, ...]
 
-    @property
+    @functools.cached_property
     def transform(self) -> Affine:
         """North-up grid of the mosaic, from the top left of its masks."""
         left, _, _, top = self.bounds
         return rasterio.transform.from_origin(left, top, *self.res)
 
-    @property
+    @functools.cached_property
     def bounds(self) -> tuple[float, float, float, float]:
-        """Union of the masks' bounds."""
+        """Union of the masks' bounds (computed once: every source's placement uses them)."""
         b = np.array([g.bounds for g in self.grids])
         return float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())
 

@@ -251,17 +251,17 @@ def train(cfg: TrainWorkflow, *, progress: bool = True, resume: Path | None = No
     out = cfg.output
     out.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     stop = min(cfg.optimizer.steps, until or cfg.optimizer.steps)
-    losses: list[float] = log.pop("pending_losses", [])
+    losses: list[Any] = log.pop("pending_losses", [])  # device scalars: read once per validation, not per step
     bar = tqdm(total=cfg.optimizer.steps, initial=start, disable=not progress, desc=cfg.name, unit="step")
     for step in range(start + 1, stop + 1):
         x, y = sampler.batch(cfg.sampling.batch, rng)
         state, loss = step_fn(state, x, y, weights)
-        losses.append(float(loss))
+        losses.append(loss)
         bar.update(1)
         if step % cfg.validation.every and step != cfg.optimizer.steps:
             continue
         metrics = validate(functools.partial(predict_fn, state), prepared, normalised, unet.factor, names)
-        entry = {"step": step, "train_loss": round(float(np.mean(losses)), 6), **_summary(metrics)}
+        entry = {"step": step, "train_loss": round(float(np.mean(jax.device_get(losses))), 6), **_summary(metrics)}
         losses = []
         log["history"].append(entry)
         best = log["best"]
@@ -273,7 +273,8 @@ def train(cfg: TrainWorkflow, *, progress: bool = True, resume: Path | None = No
         _write_metrics(out.metrics, cfg, prepared, log)
     bar.close()
     if stop > start and (stop % cfg.validation.every and stop != cfg.optimizer.steps):
-        save_state(out.last_state, state, stop, rng, {**log, "pending_losses": losses})
+        pending = [float(v) for v in jax.device_get(losses)]
+        save_state(out.last_state, state, stop, rng, {**log, "pending_losses": pending})
     return TrainResult(out.checkpoint, out.metrics, out.last_state, log["best"] or {}, stop)
 
 
