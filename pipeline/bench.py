@@ -248,7 +248,7 @@ def _child_e2e(workflow_json: str) -> dict:
     configure_jax(str(wf.runtime.compilation_cache))
     spec = tile_spec(wf.tiling.tile, wf.tiling.halo, card.unet.factor)
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
-                              False, wf.runtime.precision)
+                              wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile()
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()

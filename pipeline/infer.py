@@ -3,7 +3,8 @@
 One :class:`Predictor` per process and checkpoint: parameters are put on the device once,
 the forward pass is compiled once for ``(batch, S, S, bands)``, and a short batch is padded
 to that shape rather than compiled again. The output is only the core of each tile, as
-uint8 class codes and confidences, so little crosses back from the device.
+uint8 class codes (with confidences and probabilities only when asked for: the softmax is
+computed only then), so little crosses back from the device.
 
 With several devices visible the batch is sharded across them along its first axis
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
@@ -76,10 +77,11 @@ def device_description() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """Class codes and confidence (0-100) of the core of each tile in a batch."""
+    """Class codes, and the confidence and probabilities (0-100) asked for, of the core of
+    each tile in a batch."""
 
     classes: np.ndarray
-    confidence: np.ndarray
+    confidence: np.ndarray | None = None
     probabilities: np.ndarray | None = None
 
 
@@ -92,10 +94,11 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: Checkpoint, spec: TileSpec, batch: int, probabilities: bool = False, *,
-                 precision: str = "float32", devices: Sequence[jax.Device] | None = None,
+                 confidence: bool = True, precision: str = "float32", devices: Sequence[jax.Device] | None = None,
                  sequential: bool | None = None):
         self.card = checkpoint.card
         self.spec = spec
+        self.confidence, self.probabilities = confidence, probabilities
         self.devices = tuple(devices if devices is not None else jax.devices())
         backend = self.devices[0].platform
         self.precision = resolve_precision(precision, backend)
@@ -113,11 +116,16 @@ class Predictor:
         dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
 
         def predict(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, ...]:
+            """Codes, then confidence and probabilities where asked for (the softmax only then)."""
             logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            confidence = jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8)
-            outputs = (codes[jnp.argmax(logits, axis=-1)], confidence)
-            return outputs + ((jnp.round(100 * probs).astype(jnp.uint8),) if probabilities else ())
+            outputs = (codes[jnp.argmax(logits, axis=-1)],)
+            if confidence or probabilities:
+                probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                if confidence:
+                    outputs += (jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8),)
+                if probabilities:
+                    outputs += (jnp.round(100 * probs).astype(jnp.uint8),)
+            return outputs
 
         @functools.partial(jax.jit, in_shardings=(replicated, self.input_sharding),
                            out_shardings=self.input_sharding)
@@ -149,8 +157,9 @@ class Predictor:
     def __call__(self, x: np.ndarray) -> Prediction:
         """Predict ``n <= batch`` tiles of shape (n, S, S, bands); the batch is padded."""
         n = x.shape[0]
-        outputs = [np.asarray(out)[:n] for out in self.forward(self.put(x))]
-        return Prediction(*outputs)
+        outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
+        return Prediction(next(outputs), next(outputs) if self.confidence else None,
+                          next(outputs) if self.probabilities else None)
 
     def compile(self) -> Any:
         """Lower and compile the forward pass for the batch shape (uses the persistent cache)."""
@@ -164,15 +173,15 @@ class Predictor:
 
 @functools.lru_cache(maxsize=4)
 def _cached_predictor(path: str, sha256: str, spec: TileSpec, batch: int, probabilities: bool,
-                      precision: str) -> Predictor:
+                      precision: str, confidence: bool) -> Predictor:
     checkpoint = load_checkpoint(path)
     if checkpoint.sha256 != sha256:
         raise ValueError(f"{Path(path).name}: checkpoint changed during the run (hash {checkpoint.sha256[:12]})")
-    return Predictor(checkpoint, spec, batch, probabilities, precision=precision)
+    return Predictor(checkpoint, spec, batch, probabilities, confidence=confidence, precision=precision)
 
 
 def get_predictor(path: str | os.PathLike[str], sha256: str, spec: TileSpec, batch: int,
-                  probabilities: bool = False, precision: str = "auto") -> Predictor:
+                  probabilities: bool = False, precision: str = "auto", confidence: bool = True) -> Predictor:
     """This process's predictor for a checkpoint, loaded and compiled on first use only.
 
     Keyed by the checkpoint's hash, so Dask workers load weights once per process, not
@@ -180,7 +189,7 @@ def get_predictor(path: str | os.PathLike[str], sha256: str, spec: TileSpec, bat
     """
     precision = resolve_precision(precision)  # "auto" shares the resolved entry
     with _lock:
-        return _cached_predictor(str(path), sha256, spec, batch, probabilities, precision)
+        return _cached_predictor(str(path), sha256, spec, batch, probabilities, precision, confidence)
 
 
 # --- automatic batch size -------------------------------------------------------------------

@@ -75,7 +75,7 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
     """Predict a read batch and keep each tile's core: the device half of a batch."""
     configure_jax(job.compilation_cache)
     predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
-                              job.precision)
+                              job.precision, confidence=job.with_confidence)
     prediction = predictor(inputs.x)
     results = []
     for i, tile in enumerate(job.tiles):

@@ -88,3 +88,14 @@ def test_a_narrow_halo_does_show_at_tile_edges(tiny_checkpoint):
     a = tiled_logits_classes(Predictor(checkpoint, tile_spec(16, 0, 4), 1), image, tile_spec(16, 0, 4))
     b = tiled_logits_classes(Predictor(checkpoint, tile_spec(64, 0, 4), 1), image, tile_spec(64, 0, 4))
     assert (a != b).any()
+
+
+def test_confidence_is_computed_only_when_asked_for(tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    spec = tile_spec(32, 16, TINY.factor)
+    x = np.random.default_rng(3).standard_normal((2, spec.read_size, spec.read_size, 4)).astype(np.float32)
+    plain = Predictor(checkpoint, spec, 2, confidence=False)(x)
+    full = Predictor(checkpoint, spec, 2, probabilities=True)(x)
+    assert plain.confidence is None and plain.probabilities is None
+    np.testing.assert_array_equal(plain.classes, full.classes)
+    assert full.confidence.shape == full.classes.shape and full.probabilities.shape == (*full.classes.shape, 3)
