@@ -361,7 +361,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             echo(f"model only, whole batch at once: {out_px / tb / 1e6:.3f} Mpx/s")
             del batched, xb
 
-        report["precision"] = _precision(ckpt, spec, batch, inputs, precision, opts, fpp)
+        report["precision"] = _precision(ckpt, spec, batch, inputs, reference, precision, opts, fpp)
         echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
              f"{100 * report['precision']['class_agreement']:.3f}%")
 
@@ -413,24 +413,19 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
     return np.stack(out)
 
 
-def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, precision: str,
+def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: np.ndarray, precision: str,
                opts: BenchOptions, fpp: int) -> dict[str, Any]:
-    """bfloat16 against float32 on the same batch: class agreement and the other one's speed."""
+    """The other precision on the same batch: class agreement with ``reference`` (the classes
+    at ``precision``, already computed) and its speed."""
     import jax
 
     from pipeline.infer import Predictor
 
-    runs = {}
-    for name in ("float32", "bfloat16"):
-        p = Predictor(ckpt, spec, batch, precision=name)
-        x = p.put(inputs)
-        classes = np.asarray(p.forward(x)[0])
-        seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2) \
-            if name != precision else None
-        runs[name] = (classes, seconds)
     other = "bfloat16" if precision == "float32" else "float32"
-    agreement = float((runs["float32"][0] == runs["bfloat16"][0]).mean())
-    seconds = runs[other][1]
+    p = Predictor(ckpt, spec, batch, precision=other)
+    x = p.put(inputs)
+    agreement = float((np.asarray(p.forward(x)[0]) == reference).mean())
+    seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2)
     return {"compute": precision, "other": other, "class_agreement": agreement,
             "other_mpx_per_s": batch * spec.tile**2 / seconds / 1e6,
             "other_gflops": batch * spec.read_size**2 * fpp / seconds / 1e9}

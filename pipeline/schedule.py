@@ -99,21 +99,22 @@ def on_calendar(expr: str) -> str:
         raise ScheduleError(f"--at {expr!r}: cron runs when the day of month OR the weekday matches, systemd "
                             "only when both do; give one of them as * (or use a crontab, without --systemd)")
     days = "" if dow.any else ",".join(_weekday(item, expr) for item in dow.items) + " "
-    date = f"*-{_calendar(month, 2, expr)}-{_calendar(dom, 2, expr)}"
-    return f"{days}{date} {_calendar(hour, 2, expr)}:{_calendar(minute, 2, expr)}:00"
+    date = f"*-{_calendar(month)}-{_calendar(dom)}"
+    return f"{days}{date} {_calendar(hour)}:{_calendar(minute)}:00"
 
 
-def _calendar(field: CronField, width: int, expr: str) -> str:
+def _calendar(field: CronField) -> str:
+    """One cron field as a systemd OnCalendar component (two-digit values)."""
     parts = []
     for start, end, step in field.items:
         if start is None:
-            parts.append("*" if step is None else f"{0 if field.name in ('minute', 'hour') else 1:0{width}d}/{step}")
+            parts.append("*" if step is None else f"{0 if field.name in ('minute', 'hour') else 1:02d}/{step}")
         elif end is None:
-            parts.append(f"{start:0{width}d}" + (f"/{step}" if step else ""))
+            parts.append(f"{start:02d}" + (f"/{step}" if step else ""))
         elif step is None:
-            parts.append(f"{start:0{width}d}..{end:0{width}d}")
+            parts.append(f"{start:02d}..{end:02d}")
         else:  # a-b/s: systemd has no stepped range; list the values
-            parts.append(",".join(f"{v:0{width}d}" for v in range(start, end + 1, step)))
+            parts.append(",".join(f"{v:02d}" for v in range(start, end + 1, step)))
     return ",".join(parts)
 
 

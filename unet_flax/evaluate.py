@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.windows import reflect_indices
+
 if TYPE_CHECKING:
     from unet_flax.train_config import TrainWorkflow
 
@@ -58,13 +60,11 @@ def scores(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
 
 
 def pad_to_multiple(image: np.ndarray, factor: int) -> np.ndarray:
-    """``(H, W, B)`` image reflect-padded at the bottom/right to multiples of ``factor``."""
+    """``(H, W, B)`` image padded at the bottom/right to multiples of ``factor`` by reflection:
+    the context tiled inference reads beyond a raster's edge (:func:`pipeline.windows.reflect_indices`)."""
     h, w = image.shape[:2]
-    ph, pw = -h % factor, -w % factor
-    if not ph and not pw:
-        return image
-    mode = "reflect" if ph < h and pw < w else "edge"
-    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
+    rows, cols = reflect_indices(0, h + -h % factor, h), reflect_indices(0, w + -w % factor, w)
+    return image[np.ix_(rows, cols)]
 
 
 def predict_scene(predict: PredictFn, normalised: np.ndarray, factor: int) -> np.ndarray:
