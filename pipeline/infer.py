@@ -161,10 +161,14 @@ class Predictor:
         return Prediction(next(outputs), next(outputs) if self.confidence else None,
                           next(outputs) if self.probabilities else None)
 
+    def lower(self) -> Any:
+        """Trace and lower the forward pass for the batch shape (Python work no cache keeps)."""
+        x = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self.input_sharding)
+        return self._forward.lower(self._state, x)
+
     def compile(self) -> Any:
         """Lower and compile the forward pass for the batch shape (uses the persistent cache)."""
-        x = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self.input_sharding)
-        return self._forward.lower(self._state, x).compile()
+        return self.lower().compile()
 
     def compiled_count(self) -> int:
         """How many shapes the forward pass has been compiled for (1 after any use)."""

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pipeline import bench
 
 
@@ -27,6 +29,8 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert e2e["peak_rss_mb"] > 50
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
+    assert comp["cold_lower_s"] > 0 and comp["warm_xla_s"] > 0
+    assert comp["cold_lower_s"] + comp["cold_xla_s"] == pytest.approx(comp["cold_s"])
     assert report["halo"]["nominal"] == (64 + 2 * 16) ** 2 / 64**2
     assert report["halo"]["measured"] >= report["halo"]["nominal"]
     assert 0.9 <= report["precision"]["class_agreement"] <= 1.0
