@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import fiona
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -51,6 +50,8 @@ def discover_inputs(directory: InputPath, pattern: str) -> list[InputPath]:
     A GDAL virtual folder (a zip archive, a bucket prefix) is listed through GDAL.
     """
     if isinstance(directory, GdalPath):
+        import fiona  # only here: GDAL's folder listing
+
         try:
             names = fiona.listdir(directory)
         except Exception as exc:  # fiona raises DriverError and others for unreachable paths

@@ -22,7 +22,6 @@ from pipeline.io import RasterInfo
 from pipeline.outputs import temporary_name
 from pipeline.stitch import NODATA
 from pipeline.tasks import BatchResult
-from pipeline.vectors import write_polygons
 from unet_flax.checkpoint import ModelCard
 
 
@@ -102,6 +101,8 @@ class MaskSink:
                             stage.add(dest, optional=True)
                             stage.add(outputs.MaskFiles(dest).aux, optional=True)
                     if self.section.polygons:
+                        from pipeline.vectors import write_polygons  # fiona loads only for polygons
+
                         write_polygons(stage.partial(files.mask), files.polygons, card, self.section.simplify,
                                        stage=stage)
                     else:
