@@ -1,7 +1,7 @@
 """Fixed-shape batches to the compiled U-Net and back.
 
 One :class:`Predictor` per process and checkpoint: parameters are put on the device once,
-the forward pass is compiled once for ``(batch, S, S, bands)``, and a short batch is padded
+the forward pass is compiled once for ``(batch, bands, S, S)`` (bands first, as read), and a short batch is padded
 to that shape rather than compiled again. The output is only the core of each tile, as
 uint8 class codes (with confidences and probabilities only when asked for: the softmax is
 computed only then), so little crosses back from the device.
@@ -41,7 +41,7 @@ from unet_flax.checkpoint import Checkpoint, load_checkpoint
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
-FORWARD_VERSION = 2  # bump when the compiled forward changes in a way that moves the best batch
+FORWARD_VERSION = 3  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -105,7 +105,7 @@ class Predictor:
         n = len(self.devices)
         self.sequential = backend == "cpu" and n == 1 if sequential is None else sequential
         self.batch = -(-batch // n) * n
-        self.input_shape = (self.batch, spec.read_size, spec.read_size, checkpoint.card.unet.in_bands)
+        self.input_shape = (self.batch, checkpoint.card.unet.in_bands, spec.read_size, spec.read_size)
         mesh = Mesh(np.array(self.devices), ("data",))
         self.input_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -117,6 +117,7 @@ class Predictor:
 
         def predict(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, ...]:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
+            x = jnp.moveaxis(x, 1, -1)  # bands arrive first, as read; the model takes them last
             logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
@@ -138,7 +139,7 @@ class Predictor:
         self._forward = forward
 
     def pad(self, x: np.ndarray) -> np.ndarray:
-        """``n <= batch`` tiles (n, S, S, bands) padded with zeros to the compiled shape."""
+        """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape."""
         n = x.shape[0]
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
@@ -155,7 +156,7 @@ class Predictor:
         return self._forward(self._state, x)
 
     def __call__(self, x: np.ndarray) -> Prediction:
-        """Predict ``n <= batch`` tiles of shape (n, S, S, bands); the batch is padded."""
+        """Predict ``n <= batch`` tiles of shape (n, bands, S, S); the batch is padded."""
         n = x.shape[0]
         outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
         return Prediction(next(outputs), next(outputs) if self.confidence else None,

@@ -54,21 +54,24 @@ class BatchResult:
 
 @dataclasses.dataclass(frozen=True)
 class BatchInputs:
-    """One batch read and normalised: model inputs (n, S, S, bands) and each core's validity."""
+    """One batch read and normalised: model inputs (n, bands, S, S) and each core's validity."""
 
     x: np.ndarray
     masks: tuple[np.ndarray, ...]
 
 
 def read_batch(job: BatchJob) -> BatchInputs:
-    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker."""
-    inputs, masks = [], []
+    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker. Each tile
+    goes straight into its slot of the batch (no list of tiles copied once more)."""
+    size = job.spec.read_size
+    x = np.empty((len(job.tiles), len(job.bands), size, size), np.float32)
+    masks = []
     with rasterio.open(job.input_path) as src:
-        for tile in job.tiles:
+        for i, tile in enumerate(job.tiles):
             data, valid = read_tile(src, tile, list(job.bands))
-            inputs.append(job.normaliser(data, valid))
+            job.normaliser(data, valid, out=x[i])
             masks.append(core_mask(valid, tile))
-    return BatchInputs(np.stack(inputs), tuple(masks))
+    return BatchInputs(x, tuple(masks))
 
 
 def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:

@@ -99,10 +99,21 @@ def torch_unet_from_flax(model: UNet) -> Any:
     return net.to(memory_format=torch.channels_last)
 
 
-def torch_classes(net: Any, x_nhwc: np.ndarray) -> Any:
-    """Class indexes (N, H, W) of an NHWC float32 batch; inference mode, channels-last input."""
+def torch_input(net: Any, x: np.ndarray) -> Any:
+    """A (N, bands, H, W) float32 batch as ``net``'s input: on its device, in its dtype, channels-last."""
+    import torch
+
+    param = next(net.parameters())
+    return torch.from_numpy(x).to(device=param.device, dtype=param.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def torch_classes(net: Any, x: Any) -> Any:
+    """Class indexes (N, H, W) of a :func:`torch_input` batch, on its device; inference mode.
+    Waits for the device, so a timer around it measures the work."""
     import torch
 
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-        return net(x.contiguous(memory_format=torch.channels_last)).argmax(dim=1)
+        classes = net(x).argmax(dim=1)
+    if classes.is_cuda:
+        torch.cuda.synchronize(classes.device)
+    return classes

@@ -38,7 +38,7 @@ def test_short_batches_are_padded_and_compiled_once(tiny_checkpoint):
     predictor = Predictor(load_checkpoint(tiny_checkpoint), spec, batch=4)
     rng = np.random.default_rng(0)
     for n in (4, 1, 3):
-        out = predictor(rng.standard_normal((n, spec.read_size, spec.read_size, 4)).astype(np.float32))
+        out = predictor(rng.standard_normal((n, 4, spec.read_size, spec.read_size)).astype(np.float32))
         assert out.classes.shape == (n, 32, 32) and out.classes.dtype == np.uint8
         assert out.confidence.shape == (n, 32, 32) and out.confidence.max() <= 100
     assert predictor.compiled_count() == 1
@@ -57,7 +57,7 @@ def tiled_logits_classes(predictor, image, spec):
     for tile in plan_tiles(width, height, spec):
         rows = reflect_indices(tile.read.row_off, tile.read.row_off + spec.read_size, height)
         cols = reflect_indices(tile.read.col_off, tile.read.col_off + spec.read_size, width)
-        pred = predictor(image[np.ix_(rows, cols)][None]).classes[0]
+        pred = predictor(np.moveaxis(image[np.ix_(rows, cols)], -1, 0)[None]).classes[0]
         c = tile.core
         out[c.row_off : c.row_off + c.height, c.col_off : c.col_off + c.width] = pred[: c.height, : c.width]
     return out
@@ -93,7 +93,7 @@ def test_a_narrow_halo_does_show_at_tile_edges(tiny_checkpoint):
 def test_confidence_is_computed_only_when_asked_for(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     spec = tile_spec(32, 16, TINY.factor)
-    x = np.random.default_rng(3).standard_normal((2, spec.read_size, spec.read_size, 4)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 4, spec.read_size, spec.read_size)).astype(np.float32)
     plain = Predictor(checkpoint, spec, 2, confidence=False)(x)
     full = Predictor(checkpoint, spec, 2, probabilities=True)(x)
     assert plain.confidence is None and plain.probabilities is None

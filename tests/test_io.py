@@ -52,9 +52,9 @@ def test_normaliser_maps_raw_values_and_zeroes_invalid_pixels():
     data = np.array([[[3.0, 5.0]], [[1.0, 2.0]]])
     valid = np.array([[True, False]])
     z = norm(data, valid)
-    assert z.shape == (1, 2, 2) and z.dtype == np.float32
-    np.testing.assert_allclose(z[0, 0], [(3 * 2 - 4) / 2, (1 - 1) / 0.5])
-    np.testing.assert_array_equal(z[0, 1], [0.0, 0.0])
+    assert z.shape == (2, 1, 2) and z.dtype == np.float32  # bands stay first
+    np.testing.assert_allclose(z[:, 0, 0], [(3 * 2 - 4) / 2, (1 - 1) / 0.5])
+    np.testing.assert_array_equal(z[:, 0, 1], [0.0, 0.0])
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "empty"), (b"\x00garbage" * 50, "not a readable raster")])
@@ -78,3 +78,14 @@ def test_truncated_files_are_rejected(tmp_path):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError):
         inspect_raster(path, [1, 2, 3, 4])
+
+
+def test_normaliser_writes_into_a_given_slot():
+    norm = Normaliser(scale=(1.0,), offset=(0.0,), mean=(1.0,), std=(2.0,))
+    batch = np.full((2, 1, 2, 2), 7.0, np.float32)
+    data = np.array([[[3, 5], [1, 1]]], np.uint16)
+    valid = np.array([[True, True], [False, True]])
+    got = norm(data, valid, out=batch[1])
+    assert got.base is batch or got is batch[1] or np.shares_memory(got, batch)
+    np.testing.assert_array_equal(batch[1, 0], [[1.0, 2.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(batch[0], 7.0)  # the other slot untouched

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 2, jax.devices()
     checkpoint = load_checkpoint(sys.argv[1])
     spec = tile_spec(32, 28, checkpoint.card.unet.factor)
-    x = np.random.default_rng(0).standard_normal((3, spec.read_size, spec.read_size, 4)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 4, spec.read_size, spec.read_size)).astype(np.float32)
     sharded = Predictor(checkpoint, spec, batch=3)
     single = Predictor(checkpoint, spec, batch=3, devices=jax.devices()[:1])
     assert sharded.batch == 4 and single.batch == 3, (sharded.batch, single.batch)
@@ -50,4 +50,4 @@ def test_one_device_keeps_the_batch(tiny_checkpoint):
     predictor = Predictor(load_checkpoint(tiny_checkpoint), tile_spec(32, 28, TINY.factor), batch=3)
     n = len(predictor.devices)
     assert predictor.batch == -(-3 // n) * n  # 3 on one device
-    assert predictor.pad(np.zeros((1, 88, 88, 4), np.float32)).shape == predictor.input_shape
+    assert predictor.pad(np.zeros((1, 4, 88, 88), np.float32)).shape == predictor.input_shape
