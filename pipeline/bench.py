@@ -54,7 +54,8 @@ class BenchOptions:
     tile: int = 256
     halo: int = 64
     batch: int | str = 8
-    precision: str = "float32"
+    precision: str = "auto"  # bfloat16 on accelerators, float32 on CPU
+    threads: int | None = None  # dask threads of the end-to-end runs; None: the workflow default
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -118,20 +119,21 @@ def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 5
     return path
 
 
-def matmul_rates(n: int = 2048, min_seconds: float = 2.0) -> dict[str, Any]:
-    """Best float32 ``n x n @ n x n`` rates in GFLOP/s: XLA's on the default device and, on
-    CPU, NumPy's BLAS; ``gflops`` is the faster, the reference the model is measured against."""
+def matmul_rates(n: int = 2048, min_seconds: float = 2.0, dtype: str = "float32") -> dict[str, Any]:
+    """Best ``n x n @ n x n`` rates in GFLOP/s in ``dtype``: XLA's on the default device and,
+    on CPU in float32, NumPy's BLAS; ``gflops`` is the faster, the reference the model is
+    measured against."""
     import jax
 
     host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    a = jax.device_put(host)
+    a = jax.device_put(host).astype(dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     rates = {"xla_gflops": 2 * n**3 / _best_time(lambda: f(a).block_until_ready(), min_seconds) / 1e9,
              "numpy_gflops": None}
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and dtype == "float32":
         rates["numpy_gflops"] = 2 * n**3 / _best_time(lambda: host @ host, min_seconds) / 1e9
-    return {"n": n, "gflops": max(rates["xla_gflops"], rates["numpy_gflops"] or 0.0), **rates}
+    return {"n": n, "dtype": dtype, "gflops": max(rates["xla_gflops"], rates["numpy_gflops"] or 0.0), **rates}
 
 
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
@@ -196,8 +198,9 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
-                   cache: Path, precision: str) -> dict[str, Any]:
-    """The workflow an end-to-end measurement runs, as plain data."""
+                   cache: Path, precision: str, threads: int | None = None) -> dict[str, Any]:
+    """The workflow an end-to-end measurement runs, as plain data; ``threads`` reading and
+    writing threads keep twice as many batches in flight."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
@@ -206,7 +209,8 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
             "output": {"dir": str(out_dir), "run_products": False}, "model": {"checkpoint": str(checkpoint)},
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
-            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision)}}
+            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision)},
+            **({"dask": {"threads": threads, "max_tasks_in_flight": 2 * threads}} if threads else {})}
 
 
 # --- children ---------------------------------------------------------------------------------
@@ -283,6 +287,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from unet_flax.model import flops_per_pixel
     from unet_flax.xla_flags import ynn_convolutions
 
+    # The children and PyTorch share one accelerator with this process: JAX allocates on
+    # demand instead of taking 75% of the device's memory at start.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     tmp = tempfile.TemporaryDirectory(prefix="tilepipe-bench-") if opts.workdir is None else None
     work = Path(tmp.name if tmp else opts.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -332,8 +339,10 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             report["batch"] = {"value": batch, "auto": False}
         echo(f"batch: {batch}{' (auto)' if opts.batch == 'auto' else ''}")
 
-        mm = report["matmul"] = matmul_rates(2048, min(2.0, opts.min_seconds))
-        echo(f"matmul float32 2048^3: XLA {mm['xla_gflops']:.1f} GFLOP/s"
+        # The reference in the compute dtype; an accelerator needs a larger product to be busy.
+        n = 2048 if jax.default_backend() == "cpu" else 8192
+        mm = report["matmul"] = matmul_rates(n, min(2.0, opts.min_seconds), precision)
+        echo(f"matmul {precision} {n}^3: XLA {mm['xla_gflops']:.1f} GFLOP/s"
              + (f", NumPy {mm['numpy_gflops']:.1f} GFLOP/s" if mm["numpy_gflops"] else ""))
 
         # The scene, and real normalised tiles of it for the model-only and precision runs.
@@ -370,7 +379,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
              f"{100 * report['precision']['class_agreement']:.3f}%")
 
-        report["torch"] = _torch(ckpt, inputs, reference, spec, opts, fpp) if opts.torch else {"available": None}
+        report["torch"] = _torch(ckpt, inputs, reference, spec, opts, fpp, precision) if opts.torch else {"available": None}
         if opts.torch and report["torch"].get("available"):
             echo(f"torch eager channels-last: {report['torch']['mpx_per_s']:.3f} Mpx/s "
                  f"(batch {report['torch']['batch_mpx_per_s']:.3f}, "
@@ -381,9 +390,10 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                           "measured": len(tiles) * spec.read_size**2 / opts.size**2}
 
         # End to end, in a child process whose tree's memory is sampled.
-        e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision)
+        e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads)
         e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
-        report["end_to_end"] = {"size": opts.size, "bands": cfg.in_bands, "seconds": e2e["seconds"],
+        report["end_to_end"] = {"size": opts.size, "bands": cfg.in_bands, "threads": opts.threads,
+                                "seconds": e2e["seconds"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
                                 "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"]}
@@ -437,24 +447,31 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: 
 
 
 def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts: BenchOptions,
-           fpp: int) -> dict[str, Any]:
-    """The PyTorch twin on the same batch: eager, channels-last, inference mode; timed as one
-    batch and tile by tile, the faster being its figure."""
-    from pipeline.torch_unet import torch_available, torch_classes, torch_unet_from_flax
+           fpp: int, precision: str) -> dict[str, Any]:
+    """The PyTorch twin on the same batch: eager, channels-last, inference mode, in the same
+    precision, on the GPU when JAX runs on one; timed as one batch and tile by tile, the
+    faster being its figure."""
+    import jax
+
+    from pipeline.torch_unet import torch_available, torch_classes, torch_input, torch_unet_from_flax
 
     if not torch_available():
         return {"available": False, "note": "torch is not installed (pip install torch)"}
     import torch
 
-    net = torch_unet_from_flax(ckpt.model)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    net = torch_unet_from_flax(ckpt.model).to(device=device, dtype=getattr(torch, precision))
+    x = torch_input(net, inputs)
+    tiles = [x[i:i + 1] for i in range(len(x))]
     lo, hi = spec.halo, spec.halo + spec.tile
-    classes = torch_classes(net, inputs).numpy()[:, lo:hi, lo:hi]
+    classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]
     codes = ckpt.card.codes[classes]
-    batch_t = _best_time(lambda: torch_classes(net, inputs), opts.min_seconds)
-    tile_t = _best_time(lambda: [torch_classes(net, inputs[i:i + 1]) for i in range(len(inputs))], opts.min_seconds)
+    batch_t = _best_time(lambda: torch_classes(net, x), opts.min_seconds)
+    tile_t = _best_time(lambda: [torch_classes(net, tile) for tile in tiles], opts.min_seconds)
     t = min(batch_t, tile_t)
     n = inputs.shape[0]
-    return {"available": True, "version": torch.__version__, "threads": torch.get_num_threads(),
+    return {"available": True, "version": torch.__version__, "device": device, "dtype": precision,
+            "threads": torch.get_num_threads(),
             "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,
             "batch_mpx_per_s": n * spec.tile**2 / batch_t / 1e6,
             "tile_by_tile_mpx_per_s": n * spec.tile**2 / tile_t / 1e6,
@@ -463,8 +480,9 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
 
 
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
-             precision: str) -> dict[str, Any]:
-    wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision)
+             precision: str, threads: int | None) -> dict[str, Any]:
+    wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
+                        threads)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
     result, peak, wall = _child(["e2e", str(path)])
@@ -481,7 +499,7 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
         scene_dir = work / f"memory-{size}"
         scene_dir.mkdir(exist_ok=True)
         write_scene(scene_dir / "scene.tif", size, arch[2], seed=1)
-        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision)
+        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads)
         results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20, "seconds": run["seconds"],
                           "mpx_per_s": run["pixels"] / run["seconds"] / 1e6}
         (scene_dir / "scene.tif").unlink()
@@ -518,7 +536,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} "
                   f"(read {report['tiling']['read_size']}), batch {report['batch']['value']}"
                   f"{' (auto)' if report['batch']['auto'] else ''}"),
-        ("matmul float32", f"{report['matmul']['gflops']:.1f} GFLOP/s (XLA {report['matmul']['xla_gflops']:.1f}"
+        (f"matmul {report['matmul']['dtype']}", f"{report['matmul']['gflops']:.1f} GFLOP/s (XLA {report['matmul']['xla_gflops']:.1f}"
                            + (f", NumPy {report['matmul']['numpy_gflops']:.1f}" if report['matmul']['numpy_gflops']
                               else "") + ")"),
         ("model only", f"{m['mpx_per_s']:.3f} Mpx/s written ({m['computed_mpx_per_s']:.3f} computed), "
@@ -580,7 +598,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--batch", type=batch_size, default=8, help="tiles per batch, or auto")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
+                   help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--threads", type=int, help="dask threads of the end-to-end runs (default: the workflow's)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -592,7 +612,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    common = dict(model=args.model, precision=args.precision, torch=args.torch,
+    common = dict(model=args.model, precision=args.precision, threads=args.threads, torch=args.torch,
                   workdir=args.workdir)
     if args.quick:
         return quick_options(**common)

@@ -21,6 +21,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert 0 < model["fraction_of_matmul"] < 10
     assert model["computed_mpx_per_s"] > model["mpx_per_s"]  # the halo is computed, not written
     mm = report["matmul"]
+    assert mm["dtype"] == report["model"]["precision"] == "float32" and mm["n"] == 2048  # auto is float32 on CPU
     assert mm["xla_gflops"] > 0 and mm["numpy_gflops"] > 0 and mm["gflops"] == max(mm["xla_gflops"], mm["numpy_gflops"])
     assert model["tile_by_tile"] is True and model["batched_mpx_per_s"] > 0  # one CPU device
     assert model["batched_class_agreement"] >= 0.999
@@ -50,5 +51,21 @@ def test_bench_parser_defaults():
     opts = bench.options_from_args(ns)
     assert (opts.size, opts.tile, opts.halo, opts.batch, opts.arch) == (4096, 256, 64, 8, (4, 32, 4, 8))
     assert opts.memory_sizes == (2048, 8192)
+    assert opts.precision == "auto" and opts.threads is None
+    assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--quick"])).quick
+
+
+@pytest.mark.parametrize("threads", [None, 6])
+def test_bench_workflow_sets_threads_and_twice_as_many_batches_in_flight(tmp_path, threads):
+    from pipeline.config import Workflow
+
+    checkpoint = bench.make_checkpoint(tmp_path / "m.safetensors", (1, 4, 3, 2))
+    (tmp_path / "in").mkdir()
+    wf = Workflow.model_validate(bench.bench_workflow(tmp_path / "in", tmp_path / "out", checkpoint, 32, 8, 4,
+                                                      tmp_path / "cache", "float32", threads))
+    default = Workflow.model_validate({**wf.model_dump(mode="json"), "dask": {}}).dask
+    assert wf.dask.threads == (threads or default.threads)
+    assert wf.dask.max_tasks_in_flight == (2 * threads if threads else default.max_tasks_in_flight)
+    assert wf.bands == [1, 2, 3] and wf.tiling.batch == 4
