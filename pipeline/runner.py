@@ -3,17 +3,20 @@
 The driver plans tiles, submits a bounded number of batches (memory is set by the tiles in
 flight, never by the raster's size), and writes each finished batch into its file's
 temporary GeoTIFF as it arrives. A file becomes a finished output only when all its tiles
-are written; a failure of one file fails that file alone.
+are written; its Cloud-Optimized GeoTIFF is then written on a background thread while the
+workers go on with the next file. A failure of one file fails that file alone.
 
 A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
 left, skips inputs whose content, result-changing settings and model are unchanged since a
 verified output (:mod:`pipeline.ledger`), and records every input as it ends. Outputs are
-written into a hidden staging folder, reopened and checked, then renamed into place, so a
-run killed at any moment leaves the previous complete output or none.
+written as hidden partial files beside their destinations, reopened and checked, then
+renamed into place (:class:`pipeline.outputs.Stage`), so a run killed at any moment leaves
+the previous complete output or none.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -43,6 +46,8 @@ from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
 
+
+FINALIZERS = 2  # threads writing finished files' COGs while inference goes on
 
 def discover_inputs(directory: InputPath, pattern: str) -> list[InputPath]:
     """Files in ``directory`` matching ``pattern``, sorted; hidden (temporary) files skipped.
@@ -299,13 +304,20 @@ def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool) -> FileJob | No
 
 
 def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bool) -> str | None:
-    """Submit batches with a bounded number in flight and write results as they arrive."""
+    """Submit batches with a bounded number in flight and write results as they arrive.
+
+    A finished file's COG is written on a background thread (at most :data:`FINALIZERS`, and
+    twice as many finished files waiting) while this loop keeps the workers fed; its outcome
+    is recorded here, on the thread that owns the ledger.
+    """
     wf, model = ctx.wf, ctx.model
     queue = iter([(f, job) for f in files for job in f.jobs])
     owner: dict[Future, FileJob] = {}
     in_flight = max(wf.dask.max_tasks_in_flight, 2 * sum(client.nthreads().values()))
     completed = as_completed()
+    finishing: dict[concurrent.futures.Future, FileJob] = {}
     device = None
+    done = 0
     bar = tqdm(total=sum(len(j.tiles) for f in files for j in f.jobs), unit="tile", disable=not progress,
                desc=f"0/{len(files)} files", dynamic_ncols=True)
 
@@ -327,11 +339,28 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
         file.done = True
         ctx.finish(file.record("failed"), file.fingerprint)
 
+    def collect(wait: bool) -> None:
+        """Record finished COGs: those done, or (``wait``) the oldest one too."""
+        nonlocal done
+        for future in list(finishing):
+            if not (future.done() or wait):
+                continue
+            wait = False
+            file = finishing.pop(future)
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
+                fail(file, one_line(exc))
+                continue
+            file.done = True
+            ctx.finish(file.record("ok", file.output), file.fingerprint)
+            done += 1
+            bar.set_description(f"{done}/{len(files)} files")
+
     for _ in range(in_flight):
         submit_next()
-    done = 0
     try:
-        with bar:
+        with bar, concurrent.futures.ThreadPoolExecutor(FINALIZERS, thread_name_prefix="tilepipe-cog") as cogs:
             for future in completed:
                 file = owner.pop(future)
                 if file.error is None:
@@ -346,14 +375,14 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                             ctx.log.note(f"model {model.card.name} on {device}")
                         bar.update(len(result.tiles))
                         if file.remaining == 0:
-                            file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
-                            file.done = True
-                            ctx.finish(file.record("ok", file.output), file.fingerprint)
-                            done += 1
-                            bar.set_description(f"{done}/{len(files)} files")
+                            finishing[cogs.submit(file.sink.finalize, model.card,
+                                                  provenance(wf, model, file, ctx.run_id))] = file
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         fail(file, one_line(exc))
                 submit_next()
+                collect(wait=len(finishing) > 2 * FINALIZERS)
+            while finishing:
+                collect(wait=True)
     finally:
         for future in owner:
             future.cancel()
