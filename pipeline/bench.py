@@ -199,8 +199,8 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
                    cache: Path, precision: str, threads: int | None = None) -> dict[str, Any]:
-    """The workflow an end-to-end measurement runs, as plain data; ``threads`` reading and
-    writing threads keep twice as many batches in flight."""
+    """The workflow an end-to-end measurement runs, as plain data (``threads``: dask threads;
+    the runner keeps twice as many batches in flight)."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
@@ -210,7 +210,7 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
             "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision)},
-            **({"dask": {"threads": threads, "max_tasks_in_flight": 2 * threads}} if threads else {})}
+            **({"dask": {"threads": threads}} if threads else {})}
 
 
 # --- children ---------------------------------------------------------------------------------
