@@ -359,8 +359,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
 
     for _ in range(in_flight):
         submit_next()
+    cogs = concurrent.futures.ThreadPoolExecutor(FINALIZERS, thread_name_prefix="tilepipe-cog")
     try:
-        with bar, concurrent.futures.ThreadPoolExecutor(FINALIZERS, thread_name_prefix="tilepipe-cog") as cogs:
+        with bar:
             for future in completed:
                 file = owner.pop(future)
                 if file.error is None:
@@ -383,7 +384,8 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 collect(wait=len(finishing) > 2 * FINALIZERS)
             while finishing:
                 collect(wait=True)
-    finally:
+    finally:  # on an interrupt: COGs not started are dropped, the one being written ends first
+        cogs.shutdown(wait=True, cancel_futures=True)
         for future in owner:
             future.cancel()
     return device
