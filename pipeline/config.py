@@ -86,9 +86,9 @@ class NormaliseSection(Section):
 class TilingSection(Section):
     tile: int = Field(256, ge=16, le=8192, description="core tile size in pixels")
     halo: int = Field(64, ge=0, le=1024, description="context pixels read on every side")
-    batch: int | Literal["auto"] = Field(8, description="tiles per compiled batch, or auto: the largest power "
-                                         "of two that still speeds the model up (probed once, remembered in "
-                                         "runtime.compilation_cache)")
+    batch: int | Literal["auto"] = Field("auto", description="tiles per compiled batch, or auto (the default): "
+                                         "the largest power of two that still speeds the model up (probed once, "
+                                         "remembered in runtime.compilation_cache)")
 
     @field_validator("batch")
     @classmethod

@@ -30,7 +30,8 @@ def test_auto_precision_is_bfloat16_on_accelerators_only():
 
 def test_config_accepts_auto_batch_and_precision():
     assert TilingSection(batch="auto").batch == "auto"
-    assert TilingSection().batch == 8
+    assert TilingSection().batch == "auto"  # unless the workflow fixes one
+    assert TilingSection(batch=8).batch == 8
     assert RuntimeSection().precision == "auto"
     with pytest.raises(ValueError):
         TilingSection(batch=0)
