@@ -414,18 +414,16 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
     """The first ``batch`` tiles of ``scene``, read and normalised as a worker does."""
     import rasterio
 
-    from pipeline.io import Normaliser, read_tile
+    from pipeline.io import Normaliser
+    from pipeline.tasks import read_tiles
     from pipeline.windows import plan_tiles
 
-    bands = list(range(1, card.unet.in_bands + 1))
+    bands = range(1, card.unet.in_bands + 1)
     normaliser = Normaliser((1 / 10000,) * len(bands), (0.0,) * len(bands), card.mean, card.std)
-    out = []
     with rasterio.open(scene) as src:
         tiles = plan_tiles(src.width, src.height, spec)
-        for i in range(batch):
-            data, valid = read_tile(src, tiles[i % len(tiles)], bands)
-            out.append(normaliser(data, valid))
-    return np.stack(out)
+    return read_tiles(str(scene), [tiles[i % len(tiles)] for i in range(batch)], bands, normaliser,
+                      spec.read_size).x
 
 
 def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: np.ndarray, precision: str,

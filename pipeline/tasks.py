@@ -7,6 +7,7 @@ process's compiled predictor, and sends back the small uint8 core windows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import rasterio
@@ -60,18 +61,22 @@ class BatchInputs:
     masks: tuple[np.ndarray, ...]
 
 
-def read_batch(job: BatchJob) -> BatchInputs:
-    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker. Each tile
-    goes straight into its slot of the batch (no list of tiles copied once more)."""
-    size = job.spec.read_size
-    x = np.empty((len(job.tiles), len(job.bands), size, size), np.float32)
+def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser,
+               read_size: int) -> BatchInputs:
+    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch."""
+    x = np.empty((len(tiles), len(bands), read_size, read_size), np.float32)
     masks = []
-    with rasterio.open(job.input_path) as src:
-        for i, tile in enumerate(job.tiles):
-            data, valid = read_tile(src, tile, list(job.bands))
-            job.normaliser(data, valid, out=x[i])
+    with rasterio.open(path) as src:
+        for i, tile in enumerate(tiles):
+            data, valid = read_tile(src, tile, list(bands))
+            normaliser(data, valid, out=x[i])
             masks.append(core_mask(valid, tile))
     return BatchInputs(x, tuple(masks))
+
+
+def read_batch(job: BatchJob) -> BatchInputs:
+    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker."""
+    return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size)
 
 
 def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
