@@ -1,10 +1,10 @@
 """Fixed-shape batches to the compiled U-Net and back.
 
 One :class:`Predictor` per process and checkpoint: parameters are put on the device once,
-the forward pass is compiled once for ``(batch, bands, S, S)`` (bands first, as read), and a short batch is padded
-to that shape rather than compiled again. The output is only the core of each tile, as
-uint8 class codes (with confidences and probabilities only when asked for: the softmax is
-computed only then), so little crosses back from the device.
+the forward pass is compiled once for ``(batch, bands, S, S)`` (bands first, as read), and
+a short batch is padded to that shape rather than compiled again. The output is only the
+core of each tile, as uint8 class codes (with confidences and probabilities only when asked
+for: the softmax is computed only then), so little crosses back from the device.
 
 With several devices visible the batch is sharded across them along its first axis
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch

@@ -49,6 +49,7 @@ from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_c
 
 FINALIZERS = 2  # threads writing finished files' COGs while inference goes on
 
+
 def discover_inputs(directory: InputPath, pattern: str) -> list[InputPath]:
     """Files in ``directory`` matching ``pattern``, sorted; hidden (temporary) files skipped.
 
