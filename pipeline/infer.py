@@ -1,10 +1,11 @@
 """Fixed-shape batches to the compiled U-Net and back.
 
-One :class:`Predictor` per process and checkpoint: parameters are put on the device once,
-the forward pass is compiled once for ``(batch, bands, S, S)`` (bands first, as read), and
-a short batch is padded to that shape rather than compiled again. The output is only the
-core of each tile, as uint8 class codes (with confidences and probabilities only when asked
-for: the softmax is computed only then), so little crosses back from the device.
+One :class:`Predictor` per process and checkpoint: parameters, with batch norm folded into
+the convolutions, are put on the device once, the forward pass is compiled once for
+``(batch, bands, S, S)`` (bands first, as read), and a short batch is padded to that shape
+rather than compiled again. The output is only the core of each tile, as uint8 class codes
+(with confidences and probabilities only when asked for: the softmax is computed only
+then), so little crosses back from the device.
 
 With several devices visible the batch is sharded across them along its first axis
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
@@ -38,10 +39,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.windows import TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
+from unet_flax.model import fold_batch_norm
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
-FORWARD_VERSION = 3  # bump when the compiled forward changes in a way that moves the best batch
+FORWARD_VERSION = 4  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -109,7 +111,7 @@ class Predictor:
         mesh = Mesh(np.array(self.devices), ("data",))
         self.input_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        graphdef, state = nnx.split(checkpoint.model)
+        graphdef, state = nnx.split(fold_batch_norm(checkpoint.model))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
         lo, hi = spec.halo, spec.halo + spec.tile

@@ -15,7 +15,7 @@ from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
 
-from unet_flax.model import UNetConfig, create_unet, flops_per_pixel
+from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm
 from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, apply_default_xla_flags
 
 
@@ -97,6 +97,23 @@ def test_forward_equals_the_plain_layers(depth, width, bands, size, exact_float3
     bf16 = np.asarray(model(x, dtype=jnp.bfloat16))
     assert bf16.dtype == np.float32
     assert (bf16.argmax(-1) == np.asarray(plain_forward(model, x)).argmax(-1)).mean() >= 0.98
+
+
+@pytest.mark.parametrize("depth,width,bands,size", [(1, 4, 1, 16), (3, 4, 3, 48), (2, 8, 6, 40)])
+def test_folding_batch_norm_keeps_the_function_and_the_model(depth, width, bands, size, exact_float32):
+    model = create_unet(UNetConfig(in_bands=bands, num_classes=5, depth=depth, base_width=width), seed=depth)
+    randomise_batch_stats(model, depth)
+    model.eval()
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    folded = fold_batch_norm(model)
+    x = jax.random.normal(jax.random.key(depth), (2, size, size, bands))
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-4)
+    agree = np.asarray(folded(x, dtype=jnp.bfloat16)).argmax(-1) == np.asarray(model(x)).argmax(-1)
+    assert agree.mean() >= 0.98
+    modules = [m for _, m in nnx.iter_graph(folded) if isinstance(m, nnx.Module)]
+    assert not any(isinstance(m, nnx.BatchNorm) for m in modules)
+    assert sum(isinstance(m, Shift) for m in modules) == 2 * (2 * depth + 1)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
 
 
 def test_gradients_equal_the_plain_layers(exact_float32):

@@ -13,7 +13,9 @@ transposed convolution is one matrix multiply followed by depth-to-space (XLA's
 The parameter tree is that of the plain layers, so checkpoints do not depend on this, and
 tests check the forward against the plain layers. ``dtype`` is the compute dtype
 (parameters stay float32 and are cast in the forward; batch-norm statistics and the logits
-stay float32).
+stay float32). For inference, :func:`fold_batch_norm` folds each batch norm's scale into
+the convolution before it, leaving a per-channel shift: fewer operations to trace and
+compile, the same function.
 """
 
 from __future__ import annotations
@@ -107,9 +109,20 @@ def _max_pool(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _norm_relu(norm: nnx.BatchNorm, x: jax.Array, dtype) -> jax.Array:
-    """Batch norm in float32 (its statistics stay float32), ReLU, back to ``dtype``."""
+def _norm_relu(norm: nnx.BatchNorm | Shift, x: jax.Array, dtype) -> jax.Array:
+    """Batch norm (or its folded shift) in float32, ReLU, back to ``dtype``."""
     return nnx.relu(norm(x.astype(jnp.float32))).astype(dtype)
+
+
+class Shift(nnx.Module):
+    """What remains of an eval-mode batch norm once its scale is folded into the convolution
+    before it: a per-channel shift."""
+
+    def __init__(self, shift: jax.Array):
+        self.shift = nnx.Param(shift)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.shift[...]
 
 
 class ConvBlock(nnx.Module):
@@ -171,3 +184,21 @@ class UNet(nnx.Module):
 def create_unet(config: UNetConfig, seed: int = 0) -> UNet:
     """A freshly initialised U-Net."""
     return UNet(config, rngs=nnx.Rngs(seed))
+
+
+def fold_batch_norm(model: UNet) -> UNet:
+    """An inference copy of ``model``: every batch norm, in eval mode (running statistics),
+    folded into the bias-free convolution before it.
+
+    ``norm(conv(x, k)) = conv(x, k * a) + (beta - mean * a)`` with
+    ``a = gamma / sqrt(var + eps)`` per output channel, so the kernel is rescaled once and the
+    norm becomes a :class:`Shift`. ``model`` itself is left as it is.
+    """
+    folded = nnx.clone(model)
+    for block in (*folded.down, folded.bottleneck, *folded.up):
+        for conv, name in ((block.conv1, "norm1"), (block.conv2, "norm2")):
+            norm = getattr(block, name)
+            a = norm.scale[...] * jax.lax.rsqrt(norm.var[...] + norm.epsilon)
+            conv.kernel[...] = conv.kernel[...] * a
+            setattr(block, name, Shift(norm.bias[...] - norm.mean[...] * a))
+    return folded
