@@ -9,11 +9,14 @@ then), so little crosses back from the device.
 
 With several devices visible the batch is sharded across them along its first axis
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
-is rounded up to a multiple of the device count. ``precision`` picks the compute dtype
-(``auto``: bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units).
-On a single CPU device the compiled pass runs the tiles of a batch one after another
-(``lax.map``): one tile's activations stay in the CPU's caches, which measured faster than
-the batched pass on the development machine; accelerators take the batch at once.
+is rounded up to a multiple of the device count, and a batch smaller than the device count
+uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
+bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units). On CPU each
+device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
+one tile's activations stay in the CPU's caches, which measured faster than the batched
+pass on the development machine, and tilepipe starts one CPU device per core
+(:mod:`unet_flax.xla_flags`) so each core works on its own tile. Accelerators take the
+batch at once.
 :func:`auto_batch` finds the largest batch that still speeds the forward pass up and
 remembers it next to the compilation cache.
 """
@@ -90,9 +93,10 @@ class Prediction:
 class Predictor:
     """The compiled forward pass of one checkpoint at one batch shape.
 
-    ``batch`` is rounded up to a multiple of the number of ``devices`` (default: all visible
-    devices of the default backend); with more than one device the batch is sharded along
-    its first axis and the parameters are replicated.
+    ``batch`` is rounded up to a multiple of the number of ``devices`` used (default: all
+    visible devices of the default backend, at most ``batch`` of them); with more than one
+    device the batch is sharded along its first axis and the parameters are replicated.
+    ``sequential`` (default: on CPU) runs each device's tiles one after another.
     """
 
     def __init__(self, checkpoint: Checkpoint, spec: TileSpec, batch: int, probabilities: bool = False, *,
@@ -101,11 +105,11 @@ class Predictor:
         self.card = checkpoint.card
         self.spec = spec
         self.confidence, self.probabilities = confidence, probabilities
-        self.devices = tuple(devices if devices is not None else jax.devices())
+        self.devices = tuple(devices if devices is not None else jax.devices())[:max(batch, 1)]
         backend = self.devices[0].platform
         self.precision = resolve_precision(precision, backend)
         n = len(self.devices)
-        self.sequential = backend == "cpu" and n == 1 if sequential is None else sequential
+        self.sequential = backend == "cpu" if sequential is None else sequential
         self.batch = -(-batch // n) * n
         self.input_shape = (self.batch, checkpoint.card.unet.in_bands, spec.read_size, spec.read_size)
         mesh = Mesh(np.array(self.devices), ("data",))
@@ -130,13 +134,18 @@ class Predictor:
                     outputs += (jnp.round(100 * probs).astype(jnp.uint8),)
             return outputs
 
+        def tile_by_tile(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
+            """One device's share of the batch, one tile after another."""
+            model = nnx.merge(graphdef, state)
+            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[None])), x)
+
         @functools.partial(jax.jit, in_shardings=(replicated, self.input_sharding),
                            out_shardings=self.input_sharding)
         def forward(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
-            model = nnx.merge(graphdef, state)
-            if not sequential_tiles:
-                return predict(model, x)
-            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[None])), x)
+            if sequential_tiles:
+                return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
+                                     out_specs=PartitionSpec("data"))(state, x)
+            return predict(nnx.merge(graphdef, state), x)
 
         self._forward = forward
 

@@ -146,23 +146,27 @@ def test_tile_by_tile_equals_the_whole_batch(tiny_checkpoint, batch):
     assert tiles.compiled_count() == 1
 
 
-def test_one_cpu_device_runs_tile_by_tile_by_default(tiny_checkpoint):
+def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
-    predictor = Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2, devices=jax.devices("cpu")[:1])
-    assert predictor.sequential
+    assert Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2, devices=jax.devices("cpu")[:1]).sequential
+    assert Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2).sequential
 
 
 @pytest.mark.parametrize("given,added,expected", [
-    ({}, True, YNN_CONVOLUTIONS_OFF),
+    ({}, True, f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=3"),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, True,
      f"--xla_force_host_platform_device_count=2 {YNN_CONVOLUTIONS_OFF}"),
-    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}, False,
-     "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}, True,
+     "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION "
+     "--xla_force_host_platform_device_count=3"),
+    ({"XLA_FLAGS": f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1"}, False,
+     f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1"),
+    ({"JAX_NUM_CPU_DEVICES": "1"}, True, YNN_CONVOLUTIONS_OFF),
     ({"TILEPIPE_XLA_DEFAULTS": "0"}, False, None),
 ])
 def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
     environ = dict(given)
-    assert apply_default_xla_flags(environ) is added
+    assert apply_default_xla_flags(environ, cores=3) is added
     assert environ.get("XLA_FLAGS") == expected
 
 
@@ -201,4 +205,4 @@ def test_auto_batch_is_a_power_of_two_under_the_cap_and_remembered(tiny_checkpoi
 def test_auto_batch_respects_the_memory_budget(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     probes = infer.probe_batches(checkpoint, tile_spec(32, 0, TINY.factor), cap=8, budget_bytes=1, min_gain=-1.0)
-    assert [p.batch for p in probes] == [1]  # the first probe always runs; larger ones would not fit
+    assert [p.batch for p in probes] == [len(jax.devices())]  # the first probe (one tile per device) always runs

@@ -34,6 +34,12 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(a.classes, b.classes)
     np.testing.assert_array_equal(a.confidence, b.confidence)
     assert sharded.compiled_count() == 1
+    assert sharded.sequential  # each CPU device runs its share tile by tile
+    batched = Predictor(checkpoint, spec, batch=3, sequential=False)
+    assert (batched(x).classes == a.classes).mean() >= 0.999
+    one = Predictor(checkpoint, spec, batch=1)  # fewer tiles than devices: only as many devices
+    assert len(one.devices) == 1 and one.batch == 1, (one.devices, one.batch)
+    np.testing.assert_array_equal(one(x[:1]).classes, a.classes[:1])
     print("OK")
 """)
 
