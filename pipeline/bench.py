@@ -4,9 +4,10 @@ One run measures, on one model and one tile setting:
 
 * **model only**: the jitted forward pass on batches already on the device, in megapixels
   of output (tile cores) per second, and GFLOP/s against the faster of two float32 matrix
-  multiplies timed in the same process, XLA's and NumPy's BLAS (FLOPs counted analytically,
-  :func:`unet_flax.model.flops_per_pixel`); on one CPU device also the batch taken at once
-  instead of tile by tile, and which library XLA gave the convolutions;
+  multiplies timed in the same process, XLA's and NumPy's BLAS, before and after the model
+  (the better sample counts; FLOPs counted analytically,
+  :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch taken at once instead of
+  tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
   in a child process, so the peak resident memory of its whole process tree is measured
   alone; the ratio end-to-end / model-only;
@@ -134,6 +135,12 @@ def matmul_rates(n: int = 2048, min_seconds: float = 2.0, dtype: str = "float32"
     if jax.default_backend() == "cpu" and dtype == "float32":
         rates["numpy_gflops"] = 2 * n**3 / _best_time(lambda: host @ host, min_seconds) / 1e9
     return {"n": n, "dtype": dtype, "gflops": max(rates["xla_gflops"], rates["numpy_gflops"] or 0.0), **rates}
+
+
+def best_sample(*samples: dict[str, Any]) -> dict[str, Any]:
+    """The fastest of several :func:`matmul_rates` samples, with every sample's rate."""
+    best = max(samples, key=lambda r: r["gflops"])
+    return {**best, "samples_gflops": [r["gflops"] for r in samples]}
 
 
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
@@ -356,6 +363,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         x = predictor.put(inputs)
         reference = np.asarray(predictor.forward(x)[0])
         t = _best_time(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
+        # The reference once more, right after the model: the better of the two samples is
+        # the rate of these cores, not of a moment when something else was running.
+        report["matmul"] = best_sample(mm, matmul_rates(n, min(2.0, opts.min_seconds), precision))
         out_px, in_px = batch * spec.tile**2, batch * spec.read_size**2
         gflops = in_px * fpp / t / 1e9
         report["model_only"] = {"seconds_per_batch": t, "mpx_per_s": out_px / t / 1e6,

@@ -23,7 +23,8 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     mm = report["matmul"]
     assert mm["dtype"] == report["model"]["precision"] == "float32" and mm["n"] == 2048  # auto is float32 on CPU
     assert mm["xla_gflops"] > 0 and mm["numpy_gflops"] > 0 and mm["gflops"] == max(mm["xla_gflops"], mm["numpy_gflops"])
-    assert model["tile_by_tile"] is True and model["batched_mpx_per_s"] > 0  # one CPU device
+    assert len(mm["samples_gflops"]) == 2 and mm["gflops"] == max(mm["samples_gflops"])  # before and after the model
+    assert model["tile_by_tile"] is True and model["batched_mpx_per_s"] > 0  # on CPU
     assert model["batched_class_agreement"] >= 0.999
     assert report["model"]["cpu_convolutions"] == "eigen"
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
