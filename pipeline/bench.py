@@ -10,7 +10,9 @@ One run measures, on one model and one tile setting:
   tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
   in a child process, so the peak resident memory of its whole process tree is measured
-  alone; the ratio end-to-end / model-only;
+  alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
+  compiled forward pass swapped for one that thresholds band 1 (every batch still goes to
+  the device and back; reading, stitching and writing are all that is left);
 * **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
 * **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
   second process with the cache the first one filled;
@@ -248,8 +250,30 @@ def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int
             "cache_files": len(list(Path(cache).glob("*")))}
 
 
-def _child_e2e(workflow_json: str) -> dict:
-    """Run one workflow in this process: warm the predictor, then time ``run_workflow``."""
+def _no_model(predictor: Any) -> Any:
+    """A stand-in for ``predictor``'s compiled forward pass that costs next to nothing: band 1
+    above its mean is class 1, and the confidence is 100; same shapes and dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    lo, hi = predictor.spec.halo, predictor.spec.halo + predictor.spec.tile
+
+    @jax.jit
+    def forward(state: Any, x: jax.Array) -> tuple[jax.Array, ...]:
+        classes = (x[:, 0, lo:hi, lo:hi] > 0).astype(jnp.uint8)
+        outputs = (classes,)
+        if predictor.confidence:
+            outputs += (jnp.full_like(classes, 100),)
+        if predictor.probabilities:
+            outputs += (jnp.full((*classes.shape, predictor.card.unet.num_classes), 50, jnp.uint8),)
+        return outputs
+
+    return forward
+
+
+def _child_e2e(workflow_json: str, model: bool = True) -> dict:
+    """Run one workflow in this process: warm the predictor, then time ``run_workflow``.
+    Without ``model`` the predictor's forward pass is :func:`_no_model` (the host's ceiling)."""
     from pipeline.config import Workflow
     from pipeline.infer import configure_jax, get_predictor
     from pipeline.runner import run_workflow
@@ -264,6 +288,9 @@ def _child_e2e(workflow_json: str) -> dict:
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile()
+    if not model:  # the tasks of this process share this predictor (threads of a local cluster)
+        predictor._forward = _no_model(predictor)
+        predictor(np.zeros(predictor.input_shape, np.float32))
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = run_workflow(wf, progress=False, echo=lambda line: None)
@@ -409,6 +436,16 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"]}
         echo(f"end to end {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}")
 
+        # The host's ceiling: the same run with the model's cost taken out goes as fast as
+        # reading, stitching and writing can here. End to end cannot beat it on any device.
+        host = _run_e2e(work, "host", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads,
+                        model=False)
+        host_mpx = host["pixels"] / host["seconds"] / 1e6
+        report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
+                                    host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"])
+        echo(f"host ceiling {opts.size}^2 ({host['seconds']:.1f} s): {host_mpx:.3f} Mpx/s, "
+             f"{report['end_to_end']['host_over_model_only']:.2f}x model only")
+
         report["memory"] = _memory(work, opts, cfg, spec, batch, cache, precision)
         echo(f"peak RSS {report['memory']['small']['size']}^2: {report['memory']['small']['peak_rss_mb']:.0f} MB, "
              f"{report['memory']['large']['size']}^2: {report['memory']['large']['peak_rss_mb']:.0f} MB")
@@ -488,12 +525,12 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
 
 
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
-             precision: str, threads: int | None) -> dict[str, Any]:
+             precision: str, threads: int | None, model: bool = True) -> dict[str, Any]:
     wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
                         threads)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
-    result, peak, wall = _child(["e2e", str(path)])
+    result, peak, wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
     return {**result, "peak_rss": peak, "wall": wall}
 
 
@@ -553,6 +590,8 @@ def format_table(report: dict[str, Any]) -> str:
                           if "batched_mpx_per_s" in m else "")),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f}, peak RSS {e['peak_rss_mb']:.0f} MB"),
+        ("host ceiling", f"{e['host_mpx_per_s']:.3f} Mpx/s: the same run without the model's cost, "
+                         f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it)"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
                    f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model)"),
@@ -646,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child_compile(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), a[5])))
         return 0
     if argv[:1] == ["e2e"]:
-        print(json.dumps(_child_e2e(argv[1])))
+        print(json.dumps(_child_e2e(argv[1], model="--no-model" not in argv[2:])))
         return 0
     parser = argparse.ArgumentParser(prog="tilepipe")
     add_parser(parser.add_subparsers(dest="command", required=True))
