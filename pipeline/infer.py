@@ -23,6 +23,7 @@ remembers it next to the compilation cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -148,6 +149,10 @@ class Predictor:
             return predict(nnx.merge(graphdef, state), x)
 
         self._forward = forward
+        # On CPU one batch already keeps every core busy: a second one at the same time (from
+        # another Dask thread) would only share the cores and the caches, so batches take
+        # turns. Accelerators queue batches on the device anyway and keep the overlap.
+        self._turns = threading.Lock() if backend == "cpu" else contextlib.nullcontext()
 
     def pad(self, x: np.ndarray) -> np.ndarray:
         """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape."""
@@ -169,7 +174,8 @@ class Predictor:
     def __call__(self, x: np.ndarray) -> Prediction:
         """Predict ``n <= batch`` tiles of shape (n, bands, S, S); the batch is padded."""
         n = x.shape[0]
-        outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
+        with self._turns:
+            outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
         return Prediction(next(outputs), next(outputs) if self.confidence else None,
                           next(outputs) if self.probabilities else None)
 
