@@ -3,7 +3,7 @@
 One run measures, on one model and one tile setting:
 
 * **model only**: the jitted forward pass on batches already on the device, in megapixels
-  of output (tile cores) per second, and GFLOP/s against the faster of two float32 matrix
+  of output (tile cores) per second at the best timed batch (and the median one), and GFLOP/s against the faster of two float32 matrix
   multiplies timed in the same process, XLA's and NumPy's BLAS, before and after the model
   (the better sample counts; FLOPs counted analytically,
   :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch taken at once instead of
@@ -145,15 +145,19 @@ def best_sample(*samples: dict[str, Any]) -> dict[str, Any]:
     return {**best, "samples_gflops": [r["gflops"] for r in samples]}
 
 
-def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
-    """Best wall time of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < min_runs or spent < min_seconds:
+def _times(fn: Any, min_seconds: float, min_runs: int = 3) -> list[float]:
+    """Wall times of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
+    times: list[float] = []
+    while len(times) < min_runs or sum(times) < min_seconds:
         t0 = time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
-    return best
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
+    """Best wall time of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
+    return min(_times(fn, min_seconds, min_runs))
 
 
 class RssSampler:
@@ -389,7 +393,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         batch = predictor.batch  # rounded up to the device count
         x = predictor.put(inputs)
         reference = np.asarray(predictor.forward(x)[0])
-        t = _best_time(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
+        times = _times(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
+        t = min(times)
         # The reference once more, right after the model: the better of the two samples is
         # the rate of these cores, not of a moment when something else was running.
         report["matmul"] = best_sample(mm, matmul_rates(n, min(2.0, opts.min_seconds), precision))
@@ -398,6 +403,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["model_only"] = {"seconds_per_batch": t, "mpx_per_s": out_px / t / 1e6,
                                 "computed_mpx_per_s": in_px / t / 1e6, "gflops": gflops,
                                 "fraction_of_matmul": gflops / report["matmul"]["gflops"],
+                                "timed_batches": len(times),
+                                "median_mpx_per_s": out_px / float(np.median(times)) / 1e6,
                                 "tile_by_tile": predictor.sequential}
         echo(f"model only: {out_px / t / 1e6:.3f} Mpx/s written, {gflops:.1f} GFLOP/s "
              f"({100 * gflops / report['matmul']['gflops']:.0f}% of matmul)"
@@ -433,6 +440,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "seconds": e2e["seconds"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
+                                # a whole run is many batches, some slower: against the median batch too
+                                "ratio_to_median_model_only": e2e_mpx / report["model_only"]["median_mpx_per_s"],
                                 "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"]}
         echo(f"end to end {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}")
 
@@ -589,7 +598,8 @@ def format_table(report: dict[str, Any]) -> str:
                        + (f"; tile by tile (whole batch at once: {m['batched_mpx_per_s']:.3f} Mpx/s)"
                           if "batched_mpx_per_s" in m else "")),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['size']}^2 x {e['bands']} uint16, "
-                       f"ratio {e['ratio_to_model_only']:.2f}, peak RSS {e['peak_rss_mb']:.0f} MB"),
+                       f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
+                       f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"),
         ("host ceiling", f"{e['host_mpx_per_s']:.3f} Mpx/s: the same run without the model's cost, "
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it)"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "

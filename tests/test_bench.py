@@ -29,6 +29,8 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert report["model"]["cpu_convolutions"] == "eigen"
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
     assert e2e["peak_rss_mb"] > 50
+    assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
+    assert e2e["ratio_to_median_model_only"] >= e2e["ratio_to_model_only"]
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
