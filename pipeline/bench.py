@@ -3,11 +3,11 @@
 One run measures, on one model and one tile setting:
 
 * **model only**: the jitted forward pass on batches already on the device, in megapixels
-  of output (tile cores) per second at the best timed batch (and the median one), and GFLOP/s against the faster of two float32 matrix
-  multiplies timed in the same process, XLA's and NumPy's BLAS, before and after the model
-  (the better sample counts; FLOPs counted analytically,
-  :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch taken at once instead of
-  tile by tile, and which library XLA gave the convolutions;
+  of output (tile cores) per second at the best timed batch (and at the median one), and
+  GFLOP/s against the faster of two float32 matrix multiplies timed in the same process,
+  XLA's and NumPy's BLAS, before and after the model (the better sample counts; FLOPs
+  counted analytically, :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch
+  taken at once instead of tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
   in a child process, so the peak resident memory of its whole process tree is measured
   alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
