@@ -43,7 +43,7 @@ from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport
 from pipeline.sink import MaskSink, clean_partials, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
-from pipeline.windows import TileSpec, batches, plan_tiles, tile_spec
+from pipeline.windows import TileSpec, tile_batches, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
 
 
@@ -156,7 +156,7 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
                      wf.runtime.precision)
-            for group in batches(plan_tiles(info.width, info.height, spec), wf.tiling.batch)]
+            for group in tile_batches(info.width, info.height, spec, wf.tiling.batch)]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
 

@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pipeline.windows import batches, plan_tiles, reflect_indices, source_span, tile_spec
+from pipeline.windows import batch_band_rows, batches, plan_tiles, reflect_indices, source_span, tile_batches, tile_spec
 
 sizes = st.integers(min_value=1, max_value=300)
 specs = st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 12), st.integers(0, 6)).map(
     lambda t: tile_spec(t[0] * t[1] * 4, t[0] * t[2], t[0]))
 
 
-@given(width=sizes, height=sizes, spec=specs)
-def test_cores_tile_the_raster_exactly_once(width, height, spec):
+@given(width=sizes, height=sizes, spec=specs, band_rows=st.integers(1, 5))
+def test_cores_tile_the_raster_exactly_once(width, height, spec, band_rows):
     cover = np.zeros((height, width), np.int32)
-    for tile in plan_tiles(width, height, spec):
+    for tile in plan_tiles(width, height, spec, band_rows):
         c = tile.core
         cover[c.row_off : c.row_off + c.height, c.col_off : c.col_off + c.width] += 1
     assert (cover == 1).all()
@@ -56,3 +56,32 @@ def test_misaligned_or_invalid_tiling_is_rejected_with_the_field_name(tile, halo
 
 def test_batches_keep_order_and_size():
     assert batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 1), (2, 1), (4, 2), (7, 1), (8, 2), (12, 3), (16, 4), (32, 4), (64, 8)])
+def test_a_batch_is_the_squarest_block_that_divides_it(batch, rows):
+    assert batch_band_rows(batch) == rows
+
+
+def grid_cells(batch, tile):
+    return {(t.core.row_off // tile, t.core.col_off // tile) for t in batch}
+
+
+def test_batches_are_blocks_of_the_tile_grid():
+    spec = tile_spec(16, 4, 4)
+    groups = tile_batches(16 * 16, 16 * 6, spec, 8)  # 6 rows x 16 columns of tiles
+    assert [len(g) for g in groups] == [8] * 12
+    assert grid_cells(groups[0], 16) == {(r, c) for r in (0, 1) for c in range(4)}
+    assert grid_cells(groups[5], 16) == {(r, c) for r in (2, 3) for c in range(4, 8)}
+    for group in groups:  # 2 x 4 blocks: read windows span 2 + 4 tiles, not 1 + 8
+        cells = grid_cells(group, 16)
+        rows, cols = {r for r, _ in cells}, {c for _, c in cells}
+        assert len(rows) == 2 and len(cols) == 4
+
+
+@given(width=sizes, height=sizes, spec=specs, batch=st.integers(1, 20))
+def test_batches_hold_every_tile_once_and_only_the_last_is_short(width, height, spec, batch):
+    groups = tile_batches(width, height, spec, batch)
+    assert all(len(g) == batch for g in groups[:-1]) and 1 <= len(groups[-1]) <= batch
+    got = sorted((t.core.row_off, t.core.col_off) for g in groups for t in g)
+    assert got == sorted((t.core.row_off, t.core.col_off) for t in plan_tiles(width, height, spec))
