@@ -307,13 +307,14 @@ def open_raster(path: Path | str) -> rasterio.DatasetReader:
 
 
 def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool) -> None:
-    """GDAL's COG driver: tiled, DEFLATE, overviews by ``resampling``; copies PAM items to aux.xml."""
+    """GDAL's COG driver: tiled, DEFLATE on every core, overviews by ``resampling``; copies PAM items
+    to aux.xml."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(vrt_text(vrt)) as src:
             rasterio.shutil.copy(src, partial, driver="COG", BLOCKSIZE=BLOCK, COMPRESS="DEFLATE",
                                  PREDICTOR="YES" if predictor else "NO", OVERVIEW_RESAMPLING=resampling,
-                                 OVERVIEWS="AUTO", BIGTIFF="IF_SAFER")
+                                 OVERVIEWS="AUTO", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
 
 
 def _expect(src: rasterio.DatasetReader, path: Path, count: int, what: str) -> None:
