@@ -31,6 +31,12 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert e2e["peak_rss_mb"] > 50
     assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
     assert e2e["ratio_to_median_model_only"] >= e2e["ratio_to_model_only"]
+    paired = e2e["paired"]  # model-only batches timed in the run's own process, before and after it
+    assert len(paired["before_s"]) == len(paired["after_s"]) == 3 and min(paired["before_s"] + paired["after_s"]) > 0
+    assert paired["ratio"] == pytest.approx(e2e["mpx_per_s"] / paired["model_only_mpx_per_s"])
+    assert 0 < paired["model_only_mean_mpx_per_s"] <= paired["model_only_mpx_per_s"]
+    assert paired["ratio_to_mean"] >= paired["ratio"] > 0
+    assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
@@ -41,7 +47,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert 0.9 <= report["precision"]["class_agreement"] <= 1.0
     assert report["model"]["flops_per_pixel"] > 0
     assert report["batch"] == {"value": 4, "auto": False}
-    assert set(report["targets"]) >= {"e2e_ratio_ge_0.9", "rss_large_over_small_le_1.25", "model_ge_0.7_matmul",
+    assert set(report["targets"]) >= {"e2e_ratio_ge_0.9", "e2e_ratio_ge_0.9_paired", "rss_large_over_small_le_1.25", "model_ge_0.7_matmul",
                                       "warm_compile_le_0.2_cold"}
     assert not list((tmp_path / "work").glob("memory-*/*.tif"))  # large scenes are removed after use
 

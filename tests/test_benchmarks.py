@@ -34,6 +34,10 @@ def test_end_to_end_reaches_nine_tenths_of_model_only(report):
     assert report["end_to_end"]["ratio_to_model_only"] >= 0.9
 
 
+def test_end_to_end_reaches_nine_tenths_of_model_only_timed_beside_it(report):
+    assert report["end_to_end"]["paired"]["ratio"] >= 0.9
+
+
 def test_peak_memory_does_not_grow_with_the_scene(report):
     assert report["memory"]["large_over_small"] <= 1.25
 
