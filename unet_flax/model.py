@@ -110,8 +110,13 @@ def _max_pool(x: jax.Array) -> jax.Array:
 
 
 def _norm_relu(norm: nnx.BatchNorm | Shift, x: jax.Array, dtype) -> jax.Array:
-    """Batch norm (or its folded shift) in float32, ReLU, back to ``dtype``."""
-    return nnx.relu(norm(x.astype(jnp.float32))).astype(dtype)
+    """Batch norm (or its folded shift) in float32, ReLU, back to ``dtype``.
+
+    A folded model only runs forward, so its ReLU is a plain maximum: one operation to trace
+    and lower, where ``nnx.relu`` is a function with a custom gradient (for its value at 0).
+    """
+    y = norm(x.astype(jnp.float32))
+    return (jnp.maximum(y, 0.0) if isinstance(norm, Shift) else nnx.relu(y)).astype(dtype)
 
 
 class Shift(nnx.Module):
