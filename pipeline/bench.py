@@ -297,15 +297,14 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         predictor(np.zeros(predictor.input_shape, np.float32))
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
-    busy, t0 = predictor.busy.seconds, time.perf_counter()
+    t0 = time.perf_counter()
     report = run_workflow(wf, progress=False, echo=lambda line: None)
     seconds = time.perf_counter() - t0
-    busy = predictor.busy.seconds - busy
     failed = [f.error for f in report.files if f.status != "ok"]
     if failed:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
-              "device": report.device, "model_busy_s": busy}
+              "device": report.device, "model_busy_share": report.model_busy_share}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
@@ -462,7 +461,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"],
                                 # how much of the run the model was the cost: host work that hides
                                 # behind it leaves this near 1 whatever the machine's speed did
-                                "model_busy_share": e2e["model_busy_s"] / e2e["seconds"]}
+                                "model_busy_share": e2e["model_busy_share"]}
         report["end_to_end"]["paired"] = paired = _paired(e2e)
         echo(f"end to end {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
              f"; {paired['ratio']:.2f} to model-only batches timed in its process just before and after it; "

@@ -84,38 +84,13 @@ def device_description() -> str:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """Class codes, and the confidence and probabilities (0-100) asked for, of the core of
-    each tile in a batch."""
+    each tile in a batch; ``span`` is when the batch was on the device (``perf_counter``:
+    put, forward and fetch)."""
 
     classes: np.ndarray
+    span: tuple[float, float]
     confidence: np.ndarray | None = None
     probabilities: np.ndarray | None = None
-
-
-class BusyClock:
-    """Seconds during which at least one device round trip was in progress: the union of the
-    calls' intervals, so calls that overlap (threads on an accelerator) count once. Against a
-    run's wall time it says how much of the run the model was the cost."""
-
-    def __init__(self, clock: Any = time.perf_counter):
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._active = 0
-        self._since = 0.0
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def __call__(self) -> Any:
-        with self._lock:
-            if self._active == 0:
-                self._since = self._clock()
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-                if self._active == 0:
-                    self.seconds += self._clock() - self._since
 
 
 class Predictor:
@@ -180,7 +155,6 @@ class Predictor:
         # another Dask thread) would only share the cores and the caches, so batches take
         # turns. Accelerators queue batches on the device anyway and keep the overlap.
         self._turns = threading.Lock() if backend == "cpu" else contextlib.nullcontext()
-        self.busy = BusyClock()  # put, forward and fetch of every call
 
     def pad(self, x: np.ndarray) -> np.ndarray:
         """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape."""
@@ -202,9 +176,11 @@ class Predictor:
     def __call__(self, x: np.ndarray) -> Prediction:
         """Predict ``n <= batch`` tiles of shape (n, bands, S, S); the batch is padded."""
         n = x.shape[0]
-        with self._turns, self.busy():
+        with self._turns:
+            start = time.perf_counter()
             outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
-        return Prediction(next(outputs), next(outputs) if self.confidence else None,
+            span = (start, time.perf_counter())
+        return Prediction(next(outputs), span, next(outputs) if self.confidence else None,
                           next(outputs) if self.probabilities else None)
 
     def lower(self) -> Any:

@@ -74,7 +74,8 @@ class RunLog:
         if self.fmt == "json":
             print(json.dumps({"event": "summary", "time": _time(), "run_id": report.run_id,
                               "workflow": report.workflow, **report.to_json()["summary"],
-                              "seconds": report.seconds, "exit_code": report.exit_code,
+                              "seconds": report.seconds, "model_busy_share": report.model_busy_share,
+                              "exit_code": report.exit_code,
                               "report": str(report_path) if report_path else None}), file=out, flush=True)
         else:
             print(f"{report.summary()}; report: {report_path}", file=out, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,17 @@ class FileRecord:
     warnings: tuple[str, ...] = ()
 
 
+def busy_seconds(spans: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: time during which at least one was
+    open, so intervals that overlap (batches from several threads on one device) count once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class RunReport:
     run_id: str
@@ -30,6 +42,17 @@ class RunReport:
     seconds: float
     device: str | None
     files: tuple[FileRecord, ...]
+    model_busy_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds each worker process (``host/pid``) had a batch on its device(s)."""
+
+    @property
+    def model_busy_share(self) -> float | None:
+        """How much of the run the model was the cost: its busy seconds over the run's, averaged
+        over the processes that ran it. Near 1 when reading and writing hide behind the model;
+        low when they are the cost (an accelerator waiting for the host)."""
+        if not self.model_busy_s or self.seconds <= 0:
+            return None
+        return sum(self.model_busy_s.values()) / (len(self.model_busy_s) * self.seconds)
 
     def count(self, status: Status) -> int:
         return sum(1 for f in self.files if f.status == status)
@@ -41,12 +64,15 @@ class RunReport:
 
     def summary(self) -> str:
         pixels = sum(f.pixels for f in self.files if f.status == "ok")
+        share = self.model_busy_share
         return (f"{self.count('ok')} ok, {self.count('skipped')} skipped, {self.count('failed')} failed "
-                f"of {len(self.files)} input(s); {pixels / 1e6:.2f} Mpx in {self.seconds:.1f} s")
+                f"of {len(self.files)} input(s); {pixels / 1e6:.2f} Mpx in {self.seconds:.1f} s"
+                + (f", model busy {100 * share:.0f}% of it" if share is not None else ""))
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["summary"] = {s: self.count(s) for s in ("ok", "skipped", "failed")}
+        data["model_busy_share"] = self.model_busy_share
         return data
 
 

@@ -40,7 +40,7 @@ from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
 from pipeline.products import write_run_products
-from pipeline.report import FileRecord, RunReport
+from pipeline.report import FileRecord, RunReport, busy_seconds
 from pipeline.sink import MaskSink, clean_partials, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, tile_batches, tile_spec
@@ -185,6 +185,8 @@ class RunContext:
     ledger: Ledger
     log: RunLog
     records: list[FileRecord] = dataclasses.field(default_factory=list)
+    model_spans: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)
+    """When each worker process had a batch on its device(s), for the report's busy share."""
 
     def finish(self, record: FileRecord, fp: Fingerprint | None) -> None:
         """Record one input's outcome in the report, the ledger and the log."""
@@ -242,7 +244,8 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         ledger.finish_run(run_id, "finished", seconds)
     records = sorted(ctx.records, key=lambda r: r.input)
     return RunReport(run_id=run_id, workflow=wf.name, started=started_at.isoformat(timespec="seconds"),
-                     seconds=seconds, device=device, files=tuple(records))
+                     seconds=seconds, device=device, files=tuple(records),
+                     model_busy_s={w: round(busy_seconds(s), 3) for w, s in ctx.model_spans.items()})
 
 
 def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:
@@ -368,6 +371,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 if file.error is None:
                     try:
                         result = future.result()
+                        ctx.model_spans.setdefault(result.worker, []).append(result.model_span)
                         if file.sink is None:
                             file.sink = MaskSink(file.info, file.output, wf.output, model.card.unet.num_classes)
                         file.sink.write(result)

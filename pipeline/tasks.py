@@ -7,6 +7,8 @@ process's compiled predictor, and sends back the small uint8 core windows.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,8 +51,12 @@ class TileResult:
 
 @dataclasses.dataclass(frozen=True)
 class BatchResult:
+    """A batch's tiles, and where and when (``perf_counter`` of ``worker``) the model ran it."""
+
     tiles: tuple[TileResult, ...]
     device: str
+    worker: str
+    model_span: tuple[float, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +100,7 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
         if job.with_probabilities:
             probabilities = np.stack([place(p, mask, tile) for p in np.moveaxis(prediction.probabilities[i], -1, 0)])
         results.append(TileResult(tile, classes, confidence, probabilities))
-    return BatchResult(tuple(results), device_description())
+    return BatchResult(tuple(results), device_description(), f"{socket.gethostname()}/{os.getpid()}", prediction.span)
 
 
 def predict_batch(job: BatchJob) -> BatchResult:

@@ -1,5 +1,7 @@
 """The compiled predictor: one shape per run, and tiling that does not show."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import TINY
-from pipeline.infer import BusyClock, Predictor, get_predictor
+from pipeline.infer import Predictor, get_predictor
 from pipeline.windows import plan_tiles, reflect_indices, tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from unet_flax.model import UNetConfig, create_unet
@@ -37,29 +39,15 @@ def test_short_batches_are_padded_and_compiled_once(tiny_checkpoint):
     spec = tile_spec(32, 28, TINY.factor)
     predictor = Predictor(load_checkpoint(tiny_checkpoint), spec, batch=4)
     rng = np.random.default_rng(0)
+    spans = []
     for n in (4, 1, 3):
         out = predictor(rng.standard_normal((n, 4, spec.read_size, spec.read_size)).astype(np.float32))
         assert out.classes.shape == (n, 32, 32) and out.classes.dtype == np.uint8
         assert out.confidence.shape == (n, 32, 32) and out.confidence.max() <= 100
+        spans.append(out.span)
     assert predictor.compiled_count() == 1
-    assert predictor.busy.seconds > 0  # the device round trips were timed
-
-
-def test_busy_clock_counts_overlapping_calls_once():
-    now = [0.0]
-    busy = BusyClock(lambda: now[0])
-    first, second = busy(), busy()
-    first.__enter__()  # 0 ..
-    now[0] = 1.0
-    second.__enter__()  # 1 .. (another thread's call, overlapping)
-    now[0] = 3.0
-    first.__exit__(None, None, None)  # .. 3
-    now[0] = 5.0
-    second.__exit__(None, None, None)  # .. 5: busy 0-5, once
-    now[0] = 7.0
-    with busy():  # idle 5-7, then busy 7-8
-        now[0] = 8.0
-    assert busy.seconds == 6.0
+    assert all(start < end for start, end in spans)  # each batch's time on the device, in call order
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 def test_predictor_is_cached_per_process(tiny_checkpoint):

@@ -212,6 +212,7 @@ def test_json_logs_have_one_line_per_file_and_a_summary(tmp_path, make_workflow,
     assert all(isinstance(e["seconds"], float) for e in files.values())
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["event"] == "summary" and (summary["ok"], summary["failed"], summary["exit_code"]) == (2, 1, 1)
+    assert 0 < summary["model_busy_share"] < 1
     assert "FAILED" not in captured.err
 
 

@@ -88,6 +88,23 @@ def test_a_bad_file_fails_alone_and_leaves_nothing(tmp_path, make_workflow, caps
     assert "FAILED corrupt.tif" in err and "FAILED empty.tif" in err
 
 
+def test_the_report_says_how_much_of_the_run_the_model_was_busy(tmp_path, make_workflow, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        write_raster(inputs / f"s{i}.tif", scene(90, 70, seed=i))
+    wf, report_path = make_workflow(inputs), tmp_path / "report.json"
+    assert run(wf, "--report", str(report_path)) == 0
+    report = json.loads(report_path.read_text())
+    (busy,) = report["model_busy_s"].values()  # the local cluster's one process
+    assert 0 < busy < report["seconds"]
+    assert report["model_busy_share"] == pytest.approx(busy / report["seconds"])
+    assert f"model busy {100 * report['model_busy_share']:.0f}% of it" in capsys.readouterr().out
+    assert run(wf, "--report", str(report_path)) == 0  # nothing left to predict
+    report = json.loads(report_path.read_text())
+    assert report["model_busy_s"] == {} and report["model_busy_share"] is None
+
+
 def test_inputs_without_a_crs_are_written_without_one_with_a_warning(tmp_path, make_workflow, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
