@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from pipeline.config import Workflow
+from pipeline.errors import InputError
 from pipeline.io import GdalPath, InputPath, raster_sha256
 from pipeline.report import FileRecord
 from unet_flax.checkpoint import file_sha256
@@ -182,16 +183,20 @@ class Ledger:
 
 def fingerprint(path: InputPath, known: KnownOutput | None) -> Fingerprint:
     """Size, mtime and sha256 of ``path``; the hash is reused when size and mtime are unchanged.
+    :class:`InputError` (one line, naming the file) if it cannot be read.
 
     An input only GDAL can read has no size or mtime here: its checksum is of its content
     (georeferencing and pixels), computed every run.
     """
     if isinstance(path, GdalPath):
         return Fingerprint(0, 0, raster_sha256(path))
-    st = path.stat()
-    if known and (known.fingerprint.size, known.fingerprint.mtime_ns) == (st.st_size, st.st_mtime_ns):
-        return Fingerprint(st.st_size, st.st_mtime_ns, known.fingerprint.sha256)
-    return Fingerprint(st.st_size, st.st_mtime_ns, file_sha256(path))
+    try:
+        st = path.stat()
+        if known and (known.fingerprint.size, known.fingerprint.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return Fingerprint(st.st_size, st.st_mtime_ns, known.fingerprint.sha256)
+        return Fingerprint(st.st_size, st.st_mtime_ns, file_sha256(path))
+    except OSError as exc:
+        raise InputError(f"{path.name}: cannot read ({exc.strerror or exc})") from exc
 
 
 def run_status(path: Path, output_dir: Path | None = None, runs: int = 5) -> dict:

@@ -8,7 +8,10 @@ workers go on with the next file. A failure of one file fails that file alone.
 
 A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
 left, skips inputs whose content, result-changing settings and model are unchanged since a
-verified output (:mod:`pipeline.ledger`), and records every input as it ends. Outputs are
+verified output (:mod:`pipeline.ledger`), and records every input as it ends. An input's
+checksum is computed before the run only when it decides a skip; otherwise it is computed on
+a background thread while the input's tiles are predicted, and awaited when the output is
+written (its provenance names it). Outputs are
 written as hidden partial files beside their destinations, reopened and checked, then
 renamed into place (:class:`pipeline.outputs.Stage`), so a run killed at any moment leaves
 the previous complete output or none.
@@ -101,12 +104,23 @@ class FileJob:
     output: Path
     jobs: list[BatchJob]
     warnings: tuple[str, ...]
-    fingerprint: Fingerprint | None = None
+    fingerprint: Fingerprint | concurrent.futures.Future | None = None
+    """Known before planning, or still being computed beside the inference (a future)."""
     started: float = dataclasses.field(default_factory=time.perf_counter)
     remaining: int = 0
     sink: MaskSink | None = None
     error: str | None = None
     done: bool = False
+
+    def checksum(self, wait: bool = True) -> Fingerprint | None:
+        """The input's fingerprint; ``wait=False`` gives None while it is still computed or
+        if computing it failed (a file that failed anyway records no checksum then)."""
+        fp = self.fingerprint
+        if not isinstance(fp, concurrent.futures.Future):
+            return fp
+        if not wait and not (fp.done() and fp.exception() is None):
+            return None
+        return fp.result()
 
     def record(self, status: str, output: Path | None = None) -> FileRecord:
         return FileRecord(input=str(self.info.path), status=status, output=str(output) if output else None,
@@ -167,7 +181,7 @@ def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict
         "TILEPIPE_WORKFLOW_SHA256": wf.digest(),
         "TILEPIPE_VERSION": pipeline.__version__,
         "TILEPIPE_INPUT": job.info.path.name,
-        "TILEPIPE_INPUT_SHA256": job.fingerprint.sha256,  # set for every planned job (_plan_or_skip)
+        "TILEPIPE_INPUT_SHA256": job.checksum().sha256,  # set for every planned job (_plan_or_skip)
         "TILEPIPE_RUN_ID": run_id,
         "TILEPIPE_TIME": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -251,25 +265,31 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
 def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:
     wf = ctx.wf
     files: list[FileJob] = []
-    for path in inputs:
-        job = _plan_or_skip(ctx, path, force)
-        if job is not None:
-            files.append(job)
-    for job in files:
-        for note in job.warnings:
-            ctx.log.note(f"warning: {note}")
-    if not inputs:
-        ctx.log.note(f"warning: no input matched {wf.input.pattern!r} in {wf.input.dir}")
+    # Checksums not needed to decide a skip are computed here, in input order, while the
+    # workers predict; an interrupt drops those not started.
+    hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tilepipe-hash")
+    try:
+        for path in inputs:
+            job = _plan_or_skip(ctx, path, force, hashing)
+            if job is not None:
+                files.append(job)
+        for job in files:
+            for note in job.warnings:
+                ctx.log.note(f"warning: {note}")
+        if not inputs:
+            ctx.log.note(f"warning: no input matched {wf.input.pattern!r} in {wf.input.dir}")
 
-    device = None
-    if files:
-        with open_client(wf.dask) as client:
-            try:
-                device = _execute(client, files, ctx, progress)
-            finally:
-                for job in files:  # an interrupt or a bug: no temporary survives
-                    if job.sink is not None and not job.done:
-                        job.sink.discard()
+        device = None
+        if files:
+            with open_client(wf.dask) as client:
+                try:
+                    device = _execute(client, files, ctx, progress)
+                finally:
+                    for job in files:  # an interrupt or a bug: no temporary survives
+                        if job.sink is not None and not job.done:
+                            job.sink.discard()
+    finally:
+        hashing.shutdown(wait=False, cancel_futures=True)
     finished = [Path(r.output) for r in ctx.records if r.status in ("ok", "skipped") and r.output]
     if wf.output.run_products and any(r.status == "ok" for r in ctx.records):
         try:
@@ -279,30 +299,35 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
     return device
 
 
-def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool) -> FileJob | None:
-    """A job for ``path``, or None when it was skipped or failed already (and recorded)."""
+def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool,
+                  hashing: concurrent.futures.Executor) -> FileJob | None:
+    """A job for ``path``, or None when it was skipped or failed already (and recorded).
+
+    Only an input with a current output is checksummed here, since the checksum decides
+    whether it is skipped; any other input's is left to ``hashing``.
+    """
     t0 = time.perf_counter()
     dest = output_path(ctx.wf, path)
     known = ctx.ledger.known_output(str(path))
-    try:
-        fp = fingerprint(path, known)
-    except OSError as exc:
-        reason = str(exc) if isinstance(exc, InputError) else f"{path.name}: cannot read ({exc.strerror or exc})"
-        ctx.finish(FileRecord(input=str(path), status="failed", error=reason), None)
-        return None
-    if (not force and known is not None and known.fingerprint.sha256 == fp.sha256
-            and known.result_key == ctx.key and known.output == str(dest)
+    fp = None
+    if (not force and known is not None and known.result_key == ctx.key and known.output == str(dest)
             and all(p.exists() for p in expected_outputs(ctx.wf, dest))):
-        ctx.finish(FileRecord(input=str(path), status="skipped", output=str(dest),
-                              seconds=round(time.perf_counter() - t0, 3)), fp)
-        return None
+        try:
+            fp = fingerprint(path, known)
+        except InputError as exc:
+            ctx.finish(FileRecord(input=str(path), status="failed", error=str(exc)), None)
+            return None
+        if fp.sha256 == known.fingerprint.sha256:
+            ctx.finish(FileRecord(input=str(path), status="skipped", output=str(dest),
+                                  seconds=round(time.perf_counter() - t0, 3)), fp)
+            return None
     try:
         job = plan_file(path, ctx.wf, ctx.model, ctx.spec)
     except InputError as exc:
         ctx.finish(FileRecord(input=str(path), status="failed", error=str(exc),
                               seconds=round(time.perf_counter() - t0, 3)), fp)
         return None
-    job.fingerprint = fp
+    job.fingerprint = fp or hashing.submit(fingerprint, path, known)
     job.started = t0
     return job
 
@@ -333,6 +358,10 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 completed.add(future)
                 return
 
+    def publish(file: FileJob) -> Path:
+        """The file's COGs, on a finalizer thread: its checksum may still be computed."""
+        return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
+
     def fail(file: FileJob, reason: str) -> None:
         file.error = reason if reason.startswith(f"{file.info.path.name}: ") else f"{file.info.path.name}: {reason}"
         if file.sink is not None:
@@ -341,7 +370,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
             if other is file:
                 future.cancel()
         file.done = True
-        ctx.finish(file.record("failed"), file.fingerprint)
+        ctx.finish(file.record("failed"), file.checksum(wait=False))
 
     def collect(wait: bool) -> None:
         """Record finished COGs: those done, or (``wait``) the oldest one too."""
@@ -357,7 +386,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 fail(file, one_line(exc))
                 continue
             file.done = True
-            ctx.finish(file.record("ok", file.output), file.fingerprint)
+            ctx.finish(file.record("ok", file.output), file.checksum())
             done += 1
             bar.set_description(f"{done}/{len(files)} files")
 
@@ -381,8 +410,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                             ctx.log.note(f"model {model.card.name} on {device}")
                         bar.update(len(result.tiles))
                         if file.remaining == 0:
-                            finishing[cogs.submit(file.sink.finalize, model.card,
-                                                  provenance(wf, model, file, ctx.run_id))] = file
+                            finishing[cogs.submit(publish, file)] = file
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         fail(file, one_line(exc))
                 submit_next()

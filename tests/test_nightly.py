@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,8 +24,12 @@ import rasterio
 from conftest import scene, write_raster
 from rio_cogeo.cogeo import cog_validate
 
+import pipeline.runner
 from pipeline.cli import EXIT_LOCKED, main
+from pipeline.errors import InputError
+from pipeline.ledger import fingerprint
 from pipeline.lock import hold_lock, lock_path
+from unet_flax.checkpoint import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +116,48 @@ def test_only_fields_that_change_results_trigger_a_redo(tmp_path, make_workflow)
     (outdir(tmp_path) / "s0.confidence.tif").unlink()  # a missing companion is redone too
     assert run(wf, "--halo", "32", "--set", "output.confidence=true") == 0
     assert statuses(tmp_path) == {"s0.tif": "ok"}
+
+
+def test_only_a_checksum_that_decides_a_skip_delays_the_run(tmp_path, make_workflow, monkeypatch):
+    """New inputs are checksummed on a background thread while their tiles are predicted (the
+    outputs' provenance names the checksum); an input with a current output before planning."""
+    inputs = make_inputs(tmp_path, n=2)
+    wf = make_workflow(inputs)
+    calls = []
+
+    def spy(path, known):
+        calls.append((path.name, threading.current_thread().name))
+        return fingerprint(path, known)
+
+    monkeypatch.setattr(pipeline.runner, "fingerprint", spy)
+    assert run(wf) == 0
+    assert sorted(calls) == [("s0.tif", "tilepipe-hash_0"), ("s1.tif", "tilepipe-hash_0")]
+    for name in ("s0.tif", "s1.tif"):
+        with rasterio.open(outdir(tmp_path) / name) as out:
+            assert out.tags()["TILEPIPE_INPUT_SHA256"] == file_sha256(inputs / name)
+
+    calls.clear()
+    os.utime(inputs / "s0.tif", ns=(1, 1))  # hashed again before planning: same content, skipped
+    assert run(wf) == 0
+    assert sorted(calls) == [("s0.tif", "MainThread"), ("s1.tif", "MainThread")]
+    assert statuses(tmp_path) == {"s0.tif": "skipped", "s1.tif": "skipped"}
+
+
+def test_a_checksum_that_fails_beside_the_inference_fails_its_input_alone(tmp_path, make_workflow, monkeypatch):
+    inputs = make_inputs(tmp_path, n=2)
+
+    def flaky(path, known):
+        if path.name == "s1.tif":
+            raise InputError("s1.tif: cannot read (Input/output error)")
+        return fingerprint(path, known)
+
+    monkeypatch.setattr(pipeline.runner, "fingerprint", flaky)
+    report = tmp_path / "report.json"
+    assert run(make_workflow(inputs), "--report", str(report)) == 1
+    files = {Path(f["input"]).name: f for f in json.loads(report.read_text())["files"]}
+    assert (files["s0.tif"]["status"], files["s1.tif"]["status"]) == ("ok", "failed")
+    assert files["s1.tif"]["error"] == "s1.tif: cannot read (Input/output error)"
+    assert sorted(p.name for p in outdir(tmp_path).glob("s1*")) == [] and partials(outdir(tmp_path)) == []
 
 
 # --- failure isolation -------------------------------------------------------------------------
