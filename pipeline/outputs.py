@@ -187,6 +187,29 @@ def class_tags(card: ModelCard) -> dict[str, str]:
     return tags
 
 
+def pixel_tags(pixels: np.ndarray, card: ModelCard) -> dict[str, str]:
+    """Band metadata with the pixel count of every class code and of nodata (``pixels``: a
+    count per code 0..255), so a summary of the mask (its STAC Item) need not read it again."""
+    return {**{f"CLASS_{c.code}_PIXELS": str(int(pixels[c.code])) for c in card.classes},
+            "NODATA_PIXELS": str(int(pixels[NODATA]))}
+
+
+def stored_pixels(src: rasterio.DatasetReader) -> np.ndarray | None:
+    """The count per code 0..255 that :func:`pixel_tags` stored in band 1, or None where the
+    mask has none or they do not add up to its size (a mask written otherwise)."""
+    tags = src.tags(1)
+    try:
+        codes = [int(code) for code in tags["CLASSES"].split(",")]
+        counts = {code: int(tags[f"CLASS_{code}_PIXELS"]) for code in codes}
+        counts[NODATA] = int(tags["NODATA_PIXELS"])
+    except (KeyError, ValueError):
+        return None
+    pixels = np.zeros(256, np.int64)
+    for code, count in counts.items():
+        pixels[code] = count
+    return pixels if pixels.sum() == src.width * src.height else None
+
+
 def qml_style(card: ModelCard) -> str:
     """A QGIS paletted-renderer style with the card's colours and names; nodata unlisted."""
     qgis = ET.Element("qgis", version="3.28.0", styleCategories="AllStyleCategories")
@@ -328,11 +351,13 @@ def _dataset_tags(provenance: Mapping[str, str], resampling: str) -> dict[str, s
 
 
 def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                  stage: Stage | None = None) -> Path:
+                  pixels: np.ndarray | None = None, stage: Stage | None = None) -> Path:
     """Write ``tmp_mask`` (uint8 codes, nodata 255) as a COG at ``dest`` with its sidecars, atomically.
 
     Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png``
-    quicklook. With ``stage`` the files join it (mask registered first) and its owner publishes.
+    quicklook. ``pixels`` (the mask's count per code, as its writer counted them) is kept in
+    the band's tags (:func:`pixel_tags`). With ``stage`` the files join it (mask registered
+    first) and its owner publishes.
     """
     files = MaskFiles(Path(dest))
     with within(stage) as stage:
@@ -343,7 +368,8 @@ def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[
         with open_raster(tmp_mask) as src:
             _expect(src, Path(tmp_mask), 1, "class mask")
             root = vrt_dataset(src.width, src.height, *georeferencing(src), _dataset_tags(provenance, "MODE"))
-            band = vrt_band(root, 1, description=f"class ({card.name})", tags=class_tags(card), card=card)
+            tags = class_tags(card) | (pixel_tags(pixels, card) if pixels is not None else {})
+            band = vrt_band(root, 1, description=f"class ({card.name})", tags=tags, card=card)
             vrt_source(band, Path(tmp_mask).resolve(), 1)
         _write_cog(root, cog, resampling="MODE", predictor=False)
         style.write_text(qml_style(card), encoding="utf-8")

@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import rasterio
 
 from pipeline import outputs
@@ -41,6 +42,7 @@ class MaskSink:
             self.paths["probabilities"] = temporary_name(dest, "-probabilities.tif")
             bands["probabilities"] = num_classes
         self.bands = bands
+        self.pixels = np.zeros(256, np.int64)  # of each class code, nodata included, as written
         block = 256 if min(info.width, info.height) >= 256 else 16
         profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
                    "transform": info.transform, "nodata": NODATA, "tiled": True, "blockxsize": block,
@@ -61,6 +63,7 @@ class MaskSink:
             for tile_result in result.tiles:
                 window = tile_result.tile.core
                 self.datasets["classes"].write(tile_result.classes, 1, window=window)
+                self.pixels += np.bincount(tile_result.classes.ravel(), minlength=256)
                 if "confidence" in self.datasets:
                     self.datasets["confidence"].write(tile_result.confidence, 1, window=window)
                 if "probabilities" in self.datasets:
@@ -93,7 +96,8 @@ class MaskSink:
             self.close()
             with outputs.staged() as stage:
                 try:
-                    outputs.finalize_mask(self.paths["classes"], files.mask, card, provenance, stage=stage)
+                    outputs.finalize_mask(self.paths["classes"], files.mask, card, provenance, pixels=self.pixels,
+                                          stage=stage)
                     for name, dest, finalize, args in continuous:
                         if name in self.paths:
                             finalize(self.paths[name], dest, *args, provenance, stage=stage)

@@ -27,6 +27,7 @@ from pipeline.outputs import (
     open_raster,
     provenance_of,
     staged,
+    stored_pixels,
 )
 from pipeline.stitch import NODATA
 from unet_flax.checkpoint import ModelCard
@@ -65,7 +66,9 @@ def stac_item(mask: Path, card: ModelCard) -> pystac.Item:
     grid = read_grid(mask)
     with open_raster(mask) as src:
         tags = provenance_of(src)
-        pixels, _, _, _ = class_totals(src)
+        pixels = stored_pixels(src)
+        if pixels is None:  # a mask without its counts: count them
+            pixels, _, _, _ = class_totals(src)
     geometry, bbox = _footprint(grid) if grid.crs else (None, None)
     time = _item_time(tags, mask)
     properties = {f"tilepipe:{k[len(PROVENANCE_PREFIX):].lower()}": v for k, v in tags.items()}

@@ -20,6 +20,7 @@ from pipeline.outputs import (
     finalize_mask,
     finalize_probabilities,
     quicklook_shape,
+    stored_pixels,
     write_quicklook,
 )
 from unet_flax.checkpoint import ClassInfo, ModelCard
@@ -62,6 +63,24 @@ def finished(tmp_path):
     codes = checker_mask()
     (tmp_path / "out").mkdir()
     return codes, finalize_mask(tmp_raster(tmp_path, codes), tmp_path / "out" / "scene_a.tif", CARD, PROVENANCE)
+
+
+def test_the_writers_class_counts_are_kept_in_the_band_and_checked_against_its_size(tmp_path):
+    codes = checker_mask()
+    counts = np.bincount(codes.ravel(), minlength=256)
+    dest = finalize_mask(tmp_raster(tmp_path, codes), tmp_path / "counted.tif", CARD, PROVENANCE, pixels=counts)
+    with rasterio.open(dest) as out:
+        assert out.tags(1)["CLASS_3_PIXELS"] == str(counts[3]) and out.tags(1)["NODATA_PIXELS"] == str(40 * 600)
+        np.testing.assert_array_equal(stored_pixels(out), counts)
+    short = counts.copy()
+    short[0] -= 1  # counts that miss a pixel are not the mask's: refused
+    dest = finalize_mask(tmp_raster(tmp_path, codes, name="b.tif"), tmp_path / "short.tif", CARD, PROVENANCE,
+                         pixels=short)
+    with rasterio.open(dest) as out:
+        assert stored_pixels(out) is None
+    with rasterio.open(finalize_mask(tmp_raster(tmp_path, codes, name="c.tif"), tmp_path / "plain.tif", CARD,
+                                     PROVENANCE)) as out:
+        assert stored_pixels(out) is None
 
 
 @pytest.mark.parametrize("crs", ["utm", "geographic", None])

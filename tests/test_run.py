@@ -10,6 +10,7 @@ import rasterio
 from conftest import scene, write_raster
 
 from pipeline.cli import main
+from pipeline.outputs import stored_pixels
 
 
 def run(workflow, *extra):
@@ -64,6 +65,18 @@ def test_nodata_is_exactly_where_the_input_has_none(tmp_path, make_workflow):
         with rasterio.open(tmp_path / "out" / f"{name}.tif") as out:
             written = out.read(1)
         np.testing.assert_array_equal(written == 255, ~input_validity(inputs / f"{name}.tif"))
+
+
+def test_a_mask_keeps_the_class_counts_its_tiles_were_written_with(tmp_path, make_workflow):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    data = scene(150, 170, seed=3)
+    east = np.broadcast_to(np.arange(170) >= 120, (150, 170))
+    write_raster(inputs / "counted.tif", data, mask=~east)  # no data in the 50 columns to the east
+    assert run(make_workflow(inputs)) == 0
+    with rasterio.open(tmp_path / "out" / "counted.tif") as out:
+        np.testing.assert_array_equal(stored_pixels(out), np.bincount(out.read(1).ravel(), minlength=256))
+        assert int(out.tags(1)["NODATA_PIXELS"]) == 150 * 50
 
 
 def test_a_bad_file_fails_alone_and_leaves_nothing(tmp_path, make_workflow, capsys):

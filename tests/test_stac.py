@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pystac
 import pytest
 import rasterio
@@ -23,8 +24,9 @@ from rasterio.warp import transform_bounds
 from test_outputs import CARD, PROVENANCE
 from test_products import UTM, finished_mask, full, write_run
 
-from pipeline.outputs import MaskFiles
+from pipeline.outputs import MaskFiles, finalize_mask
 from pipeline.products import write_run_products
+from pipeline.stac import stac_item
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +110,14 @@ def test_masks_with_one_name_in_two_folders_get_distinct_item_ids(tmp_path):
     write_run_products(tmp_path / "out", [one, two], CARD, "run-2")
     ids = sorted(pystac.Item.from_file(str(MaskFiles(m).item)).id for m in (one, two))
     assert ids == ["north-scene", "south-scene"]
+
+
+def test_an_items_class_counts_come_from_the_masks_tags_when_it_has_them(tmp_path):
+    mask = finished_mask(tmp_path, "plain.tif", full(3), UTM, from_origin(500000, 4650000, 10, 10))
+    counts = ClassificationExtension.ext(stac_item(mask, CARD).assets["labels"]).classes
+    assert [c.count for c in counts] == [0, 2000, 0, 0]  # no tags: counted from the pixels
+    stored = np.zeros(256, np.int64)
+    stored[[0, 3, 10, 255]] = [500, 700, 600, 200]  # adds up to 40 x 50: taken as the writer's count
+    tagged = finalize_mask(mask, tmp_path / "out" / "tagged.tif", CARD, PROVENANCE, pixels=stored)
+    counts = ClassificationExtension.ext(stac_item(tagged, CARD).assets["labels"]).classes
+    assert [c.count for c in counts] == [500, 700, 600, 200]
