@@ -11,10 +11,10 @@ left, skips inputs whose content, result-changing settings and model are unchang
 verified output (:mod:`pipeline.ledger`), and records every input as it ends. An input's
 checksum is computed before the run only when it decides a skip; otherwise it is computed on
 a background thread while the input's tiles are predicted, and awaited when the output is
-written (its provenance names it). Outputs are
-written as hidden partial files beside their destinations, reopened and checked, then
-renamed into place (:class:`pipeline.outputs.Stage`), so a run killed at any moment leaves
-the previous complete output or none.
+written (its provenance names it). Outputs are written as hidden partial files beside their
+destinations, reopened and checked, then renamed into place
+(:class:`pipeline.outputs.Stage`), so a run killed at any moment leaves the previous complete
+output or none.
 """
 
 from __future__ import annotations
