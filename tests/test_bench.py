@@ -1,6 +1,8 @@
 """``tilepipe bench --quick``: every field of the report, with sane values (no timings asserted)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -78,3 +80,16 @@ def test_bench_workflow_sets_the_dask_threads(tmp_path, threads):
     default = Workflow.model_validate({**wf.model_dump(mode="json"), "dask": {}}).dask
     assert wf.dask.threads == (threads or default.threads)
     assert wf.bands == [1, 2, 3] and wf.tiling.batch == 4
+
+
+def test_peak_memory_counts_a_grandchild_started_after_the_first_look(tmp_path):
+    """The sampler lists the tree again as it grows: a grandchild's memory counts."""
+    script = tmp_path / "tree.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "time.sleep(0.5)\n"  # the sampler has listed the tree before the grandchild exists
+        "subprocess.run([sys.executable, '-c', 'import time; b = bytearray(300 * 2**20); time.sleep(2.5)'])\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    with bench.RssSampler(proc.pid) as sampler:
+        proc.wait()
+    assert sampler.peak > 300 * 2**20
