@@ -31,7 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -204,6 +204,18 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident memory in bytes, as the kernel keeps it (Linux ``VmHWM``);
+    0 where unknown. Not ``ru_maxrss``: a child started from a large process inherits its
+    parent's figure there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else 0
 
 
 def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], int, float]:
@@ -748,8 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             result = _child_compile(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), a[5])
         else:
             result = _child_e2e(a[0], model="--no-model" not in a[1:])
-        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        print(json.dumps({**result, "own_peak_rss": own_peak}))
+        print(json.dumps({**result, "own_peak_rss": own_peak_rss()}))
         return 0
     parser = argparse.ArgumentParser(prog="tilepipe")
     add_parser(parser.add_subparsers(dest="command", required=True))

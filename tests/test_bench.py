@@ -93,3 +93,10 @@ def test_peak_memory_counts_a_grandchild_started_after_the_first_look(tmp_path):
     with bench.RssSampler(proc.pid) as sampler:
         proc.wait()
     assert sampler.peak > 300 * 2**20
+
+
+def test_a_childs_own_peak_is_its_own_not_its_parents():
+    ballast = bytearray(400 * 2**20)  # a child of a large process must not report this
+    code = "from pipeline.bench import own_peak_rss; b = bytearray(100 * 2**20); print(own_peak_rss())"
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 100 * 2**20 < peak < 400 * 2**20 <= len(ballast)
