@@ -205,6 +205,20 @@ def test_a_mask_must_be_one_uint8_band(tmp_path, data):
     assert not (tmp_path / "m.tif").exists()
 
 
+@pytest.mark.parametrize("resampling, predictor", [("MODE", False), ("AVERAGE", True)])
+def test_uncompressed_temporary_overviews_leave_the_cog_byte_for_byte_the_same(tmp_path, resampling, predictor):
+    codes = checker_mask(515, 333)  # odd sizes: GDAL's own overview sizes, not multiples of two
+    tmp = tmp_raster(tmp_path, codes)
+    root = outputs.vrt_dataset(333, 515, None, None, {})
+    outputs.vrt_source(outputs.vrt_band(root, 1, description="codes", tags={}), tmp, 1)
+    outputs._write_cog(root, tmp_path / "ours.tif", resampling=resampling, predictor=predictor)
+    with rasterio.open(outputs.vrt_text(root)) as src:  # GDAL's default: its temporary overviews compressed
+        rasterio.shutil.copy(src, tmp_path / "gdal.tif", driver="COG", **outputs.cog_options(resampling, predictor))
+    with rasterio.open(tmp_path / "ours.tif") as src:
+        assert src.overviews(1) == [2, 4]
+    assert (tmp_path / "ours.tif").read_bytes() == (tmp_path / "gdal.tif").read_bytes()
+
+
 def test_confidence_is_a_percent_cog_with_averaged_overviews(tmp_path):
     conf = np.full((600, 600), 40, np.uint8)
     conf[:, 1::2] = 60  # averaging gives 50; nodata rows stay nodata
