@@ -7,15 +7,16 @@ import functools
 import hashlib
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipeline.chunks import ChunkCache, read_window
 from pipeline.errors import InputError
 from pipeline.windows import Tile, reflect_indices, source_span
 
@@ -117,22 +118,21 @@ class Normaliser:
         return z
 
 
-def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int], chunks: ChunkCache | None = None,
+              key: Hashable = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S).
 
     Context beyond the raster is reflected; a pixel is valid when every band's dataset
-    mask (nodata value, internal mask or alpha) says so and its value is finite.
+    mask (nodata value, internal mask or alpha) says so and its value is finite. The pixels
+    come through ``chunks`` under ``key`` (the input's decoded chunks, shared with the tiles
+    around this one); without it nothing is kept.
     """
     rows = reflect_indices(tile.read.row_off, tile.read.row_off + tile.read.height, src.height)
     cols = reflect_indices(tile.read.col_off, tile.read.col_off + tile.read.width, src.width)
     r0, r1 = source_span(rows)
     c0, c1 = source_span(cols)
-    window = Window(c0, r0, c1 - c0, r1 - r0)
-    data = src.read(bands, window=window)
-    if all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
-        valid = np.ones(data.shape[1:], bool)  # no nodata, mask or alpha: GDAL's mask is all 255
-    else:
-        valid = np.all(src.read_masks(bands, window=window) > 0, axis=0)
+    data, masks = read_window(src, bands, Window(c0, r0, c1 - c0, r1 - r0), ChunkCache() if chunks is None else chunks, key)
+    valid = np.ones(data.shape[1:], bool) if masks is None else np.all(masks > 0, axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.all(np.isfinite(data), axis=0)
     if len(rows) == r1 - r0 and len(cols) == c1 - c0:  # inside the raster: nothing to reflect

@@ -34,7 +34,7 @@ from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
 import pipeline
-from pipeline import outputs
+from pipeline import outputs, tasks
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import resolve_batch
@@ -48,7 +48,6 @@ from pipeline.sink import MaskSink, clean_partials, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, tile_batches, tile_spec
 from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
-
 
 FINALIZERS = 2  # threads writing finished files' COGs while inference goes on
 
@@ -167,9 +166,10 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     scale, offset = wf.normalise.per_band(len(wf.bands))
     normaliser = Normaliser(scale, offset, model.card.mean, model.card.std)
     cache = str(wf.runtime.compilation_cache) if wf.runtime.compilation_cache else None
+    read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
-                     wf.runtime.precision)
+                     wf.runtime.precision, read_key)
             for group in tile_batches(info.width, info.height, spec, wf.tiling.batch)]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
@@ -362,8 +362,14 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
         """The file's COGs, on a finalizer thread: its checksum may still be computed."""
         return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
 
+    def forget_chunks(file: FileJob) -> None:
+        """Every worker frees its decoded chunks of ``file``: none of its tiles will be read again."""
+        if file.jobs:
+            client.run(tasks.forget_chunks, file.jobs[0].read_key, wait=False)
+
     def fail(file: FileJob, reason: str) -> None:
         file.error = reason if reason.startswith(f"{file.info.path.name}: ") else f"{file.info.path.name}: {reason}"
+        forget_chunks(file)
         if file.sink is not None:
             file.sink.discard()
         for future, other in list(owner.items()):
@@ -410,6 +416,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                             ctx.log.note(f"model {model.card.name} on {device}")
                         bar.update(len(result.tiles))
                         if file.remaining == 0:
+                            forget_chunks(file)
                             finishing[cogs.submit(publish, file)] = file
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         fail(file, one_line(exc))

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import rasterio
+from rasterio import windows
+from rasterio.windows import Window
 
+from pipeline.chunks import ChunkCache, grid_of, pixel_bytes
 from pipeline.infer import configure_jax, device_description, get_predictor
 from pipeline.io import Normaliser, read_tile
 from pipeline.stitch import core_mask, place
@@ -36,6 +39,8 @@ class BatchJob:
     with_probabilities: bool
     compilation_cache: str | None
     precision: str = "auto"
+    read_key: str | None = None
+    """Names this planned input's chunks in the worker's :data:`CHUNKS` (None: keep none)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,22 +72,36 @@ class BatchInputs:
     masks: tuple[np.ndarray, ...]
 
 
+CHUNKS = ChunkCache()
+"""Decoded chunks of inputs, shared by the threads of this worker process."""
+
+
 def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser,
-               read_size: int) -> BatchInputs:
-    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch."""
+               read_size: int, key: str | None = None) -> BatchInputs:
+    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch; with
+    ``key``, through the worker's :data:`CHUNKS`, sized for batches like this one."""
     x = np.empty((len(tiles), len(bands), read_size, read_size), np.float32)
     masks = []
     with rasterio.open(path) as src:
+        if key is not None:
+            area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
+            CHUNKS.resize(grid_of(src, bands).budget(area, pixel_bytes(src, bands)))
         for i, tile in enumerate(tiles):
-            data, valid = read_tile(src, tile, list(bands))
+            data, valid = read_tile(src, tile, list(bands), CHUNKS if key is not None else None, key)
             normaliser(data, valid, out=x[i])
             masks.append(core_mask(valid, tile))
     return BatchInputs(x, tuple(masks))
 
 
+async def forget_chunks(read_key: str) -> None:
+    """Free this worker's chunks of an input whose batches are all read: a coroutine, so that
+    ``Client.run`` can send it to every worker without waiting for their answers."""
+    CHUNKS.forget(read_key)
+
+
 def read_batch(job: BatchJob) -> BatchInputs:
     """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker."""
-    return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size)
+    return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key)
 
 
 def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:

@@ -9,6 +9,8 @@ import pytest
 import rasterio
 from conftest import scene, write_raster
 
+from pipeline import tasks
+from pipeline.chunks import ChunkCache
 from pipeline.cli import main
 from pipeline.outputs import stored_pixels
 
@@ -77,6 +79,18 @@ def test_a_mask_keeps_the_class_counts_its_tiles_were_written_with(tmp_path, mak
     with rasterio.open(tmp_path / "out" / "counted.tif") as out:
         np.testing.assert_array_equal(stored_pixels(out), np.bincount(out.read(1).ravel(), minlength=256))
         assert int(out.tags(1)["NODATA_PIXELS"]) == 150 * 50
+
+
+def test_the_workers_free_an_inputs_decoded_chunks_once_its_tiles_are_read(tmp_path, make_workflow, monkeypatch):
+    chunks = ChunkCache()
+    monkeypatch.setattr(tasks, "CHUNKS", chunks)  # the in-process workers' cache
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        write_raster(inputs / f"s{i}.tif", scene(300, 340, seed=i))
+    assert run(make_workflow(inputs)) == 0
+    assert chunks.misses > 0 and chunks.hits > 0
+    assert chunks.bytes == 0
 
 
 def test_a_bad_file_fails_alone_and_leaves_nothing(tmp_path, make_workflow, capsys):

@@ -1,0 +1,203 @@
+"""Decoded chunks of an input raster, kept for the next tiles that need them.
+
+GDAL decodes whole blocks: every tile of a 256-tiled input touches 3 x 3 of them through its
+halo, and every tile of a striped input touches whole strips as wide as the raster. Each batch
+opens the input anew, so before this cache each batch decoded its blocks again: every block
+of a tiled input about three times, every strip of a striped input once per batch along its
+row of tiles. A worker's threads now share one :class:`ChunkCache`, least recently used out,
+bounded in bytes (:meth:`ChunkGrid.budget`): a band of batches across the raster where that is
+small (the next band reuses this one's halo rows), so each block is decoded about once, and
+the chunks of the batches in flight where it is not. The runner has the workers forget an
+input's chunks once its tiles are all read.
+
+A chunk is a whole number of the raster's blocks, at least ``CHUNK`` pixels on a side
+(strips are grouped into chunks of about ``CHUNK`` rows), so a tile is assembled from a few
+array copies whatever the block layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+from collections.abc import Callable, Hashable, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+
+CHUNK = 256
+BAND_BUDGET = 36 * 2**20
+"""Most bytes kept for a band of batches across a tiled raster: a band 4096 px wide of 4 uint16
+bands, batches of 8 tiles of 256 (34 MB); wider rasters keep less, so that memory does not
+grow with the scene."""
+SLACK = 1.5
+"""Room beyond a batch's own chunks for the batches in flight beside it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkGrid:
+    """Chunks of ``rows`` x ``cols`` pixels over a ``width`` x ``height`` raster; pure geometry."""
+
+    width: int
+    height: int
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, width: int, height: int, block_rows: int, block_cols: int, target: int = CHUNK) -> ChunkGrid:
+        """Whole blocks, at least ``target`` pixels (or the raster's size) on each side."""
+        rows = min(-(-target // block_rows) * block_rows, -(-height // block_rows) * block_rows)
+        cols = min(-(-target // block_cols) * block_cols, -(-width // block_cols) * block_cols)
+        return cls(width, height, rows, cols)
+
+    def covering(self, window: Window) -> list[tuple[int, int]]:
+        """Indices ``(i, j)`` of the chunks a window inside the raster touches, row by row."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        r1, c1 = r0 + int(window.height), c0 + int(window.width)
+        return [(i, j) for i in range(r0 // self.rows, (r1 - 1) // self.rows + 1)
+                for j in range(c0 // self.cols, (c1 - 1) // self.cols + 1)]
+
+    def window(self, i: int, j: int) -> Window:
+        """Chunk ``(i, j)``, clipped to the raster."""
+        row, col = i * self.rows, j * self.cols
+        return Window(col, row, min(self.cols, self.width - col), min(self.rows, self.height - row))
+
+    def budget(self, area: Window, pixel_bytes: int) -> int:
+        """Bytes of chunks worth keeping while batches like ``area`` (a batch's read windows,
+        inside the raster) are read, top to bottom in bands across the raster.
+
+        A band of such batches across the whole width lets the next band reuse this one's
+        halo rows, up to :data:`BAND_BUDGET`; beyond that (wide tiled rasters), enough for the
+        batches in flight along the band, which share the chunks of their common edges. A
+        striped raster's chunks are as wide as the raster, so a batch's own chunks are already
+        its whole band, whatever its width: there memory grows with the width (batches of 8
+        tiles of 256 read 640 rows, 3 or 4 chunks of 256 rows: 50,000 px wide with 4 uint16
+        bands, 0.3-0.4 GB, and half as much again of slack).
+        """
+        first, last = area.row_off // self.rows, (area.row_off + area.height - 1) // self.rows
+        band = (last - first + 1) * self.rows * -(-self.width // self.cols) * self.cols
+        own = len(self.covering(area)) * self.rows * self.cols
+        return int(max(min(band * pixel_bytes, BAND_BUDGET), SLACK * own * pixel_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One chunk's values (bands, rows, cols) and GDAL's masks of them (None: all valid)."""
+
+    values: np.ndarray
+    masks: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (0 if self.masks is None else self.masks.nbytes)
+
+
+class ChunkCache:
+    """Chunks by key, least recently used out once their bytes pass ``budget``; thread-safe.
+
+    A missing chunk is loaded outside the lock (GDAL releases the GIL while it decodes), once:
+    a thread that needs a chunk another thread is loading waits for it instead of decoding it
+    again (the threads of a worker start a band of batches together, and a strip of a striped
+    input belongs to every batch of its band).
+    """
+
+    def __init__(self, budget: int = 0):
+        self.budget = budget
+        self.hits = self.misses = self.bytes = 0
+        self._chunks: collections.OrderedDict[Hashable, Chunk] = collections.OrderedDict()
+        self._loading: dict[Hashable, concurrent.futures.Future[Chunk]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, load: Callable[[], Chunk]) -> Chunk:
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None:
+                self._chunks.move_to_end(key)
+                self.hits += 1
+                return chunk
+            loading = self._loading.get(key)
+            if loading is None:
+                self.misses += 1
+                self._loading[key] = concurrent.futures.Future()
+            else:
+                self.hits += 1
+        if loading is not None:
+            return loading.result()
+        try:
+            chunk = load()
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(key).set_exception(exc)
+            raise
+        with self._lock:
+            self._chunks[key] = chunk
+            self.bytes += chunk.nbytes
+            self._evict()
+            self._loading.pop(key).set_result(chunk)
+        return chunk
+
+    def resize(self, budget: int) -> None:
+        """Keep at most ``budget`` bytes from now on (the least recently used go first)."""
+        with self._lock:
+            self.budget = budget
+            self._evict()
+
+    def forget(self, owner: Hashable) -> None:
+        """Drop the chunks whose key starts with ``owner`` (an input whose tiles are all read)."""
+        with self._lock:
+            for key in [k for k in self._chunks if isinstance(k, tuple) and k[:1] == (owner,)]:
+                self.bytes -= self._chunks.pop(key).nbytes
+
+    def _evict(self) -> None:
+        while self.bytes > self.budget and self._chunks:
+            _, chunk = self._chunks.popitem(last=False)
+            self.bytes -= chunk.nbytes
+
+
+def grid_of(src: rasterio.DatasetReader, bands: Sequence[int]) -> ChunkGrid:
+    block_rows, block_cols = src.block_shapes[bands[0] - 1]
+    return ChunkGrid.of(src.width, src.height, block_rows, block_cols)
+
+
+def pixel_bytes(src: rasterio.DatasetReader, bands: Sequence[int]) -> int:
+    """Bytes a cached pixel takes: the bands' values, and their validity where it is not implied."""
+    values = sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
+    return values + (0 if all_valid(src, bands) else len(bands))
+
+
+def all_valid(src: rasterio.DatasetReader, bands: Sequence[int]) -> bool:
+    """No nodata, internal mask or alpha on ``bands``: GDAL's masks would be all 255."""
+    return all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+
+
+def read_window(src: rasterio.DatasetReader, bands: Sequence[int], window: Window, cache: ChunkCache,
+                key: Hashable) -> tuple[np.ndarray, np.ndarray | None]:
+    """``bands`` of ``window`` (inside the raster) and GDAL's per-band masks of it (None when
+    every pixel is valid), assembled from the chunks of ``src`` kept in ``cache`` under ``key``."""
+    bands = list(bands)
+    grid = grid_of(src, bands)
+    masked = not all_valid(src, bands)
+    r0, c0 = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    data = valid = None
+    for i, j in grid.covering(window):
+        area = grid.window(i, j)
+        chunk = cache.get((key, tuple(bands), i, j), lambda area=area: _load(src, bands, area, masked))
+        if data is None:
+            data = np.empty((len(bands), h, w), chunk.values.dtype)
+            valid = np.empty((len(bands), h, w), np.uint8) if masked else None
+        top, bottom = max(r0, area.row_off), min(r0 + h, area.row_off + area.height)
+        left, right = max(c0, area.col_off), min(c0 + w, area.col_off + area.width)
+        out = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
+        part = np.s_[:, top - area.row_off : bottom - area.row_off, left - area.col_off : right - area.col_off]
+        data[out] = chunk.values[part]
+        if valid is not None:
+            valid[out] = chunk.masks[part]
+    return data, valid
+
+
+def _load(src: rasterio.DatasetReader, bands: list[int], area: Window, masked: bool) -> Chunk:
+    return Chunk(src.read(bands, window=area), src.read_masks(bands, window=area) if masked else None)

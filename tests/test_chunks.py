@@ -1,0 +1,189 @@
+"""Decoded chunks: reads through the cache equal GDAL's reads, each chunk is decoded once."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import scene
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rasterio.windows import Window
+
+from pipeline import tasks
+from pipeline.chunks import (
+    BAND_BUDGET,
+    Chunk,
+    ChunkCache,
+    ChunkGrid,
+    grid_of,
+    read_window,
+)
+from pipeline.io import Normaliser
+from pipeline.windows import tile_batches, tile_spec
+
+# (block rows, block cols) or None for strips of the given rows
+LAYOUTS = {"tiled 16": (16, 16), "tiled 32x16": (32, 16), "strips of 1 row": 1, "strips of 7 rows": 7}
+
+
+def layout_raster(path, data, layout, nodata=None, mask=None):
+    count, height, width = data.shape
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": count, "dtype": data.dtype.name,
+               "nodata": nodata, "compress": "deflate"}
+    if isinstance(layout, tuple):
+        profile.update(tiled=True, blockysize=layout[0], blockxsize=layout[1])
+    else:
+        profile.update(tiled=False, blockysize=layout)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if mask is not None:
+            dst.write_mask(mask.astype(np.uint8) * 255)
+    return path
+
+
+@pytest.fixture(params=list(LAYOUTS), scope="module")
+def raster(request, tmp_path_factory):
+    """A 70 x 90 raster in each block layout, with nodata in band 2 and an internal mask."""
+    data = scene(70, 90, bands=3, seed=3)
+    data[1, 5:9, 30:40] = 0
+    mask = np.ones((70, 90), bool)
+    mask[40:50, 0:20] = False
+    path = tmp_path_factory.mktemp("chunks") / "r.tif"
+    return layout_raster(path, data, LAYOUTS[request.param], nodata=0, mask=mask)
+
+
+windows = st.builds(lambda r, c, h, w: Window(c, r, min(w, 90 - c), min(h, 70 - r)),
+                    st.integers(0, 69), st.integers(0, 89), st.integers(1, 70), st.integers(1, 90))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(windows, min_size=1, max_size=6), st.sampled_from([[1, 2, 3], [2], [3, 1]]),
+       st.integers(0, 40_000))
+def test_reads_through_the_cache_equal_gdal_reads(raster, ws, bands, budget):
+    cache = ChunkCache(budget)  # small budgets evict between and within reads
+    with rasterio.open(raster) as src:
+        for window in ws:
+            data, masks = read_window(src, bands, window, cache, "r")
+            np.testing.assert_array_equal(data, src.read(bands, window=window))
+            np.testing.assert_array_equal(masks, src.read_masks(bands, window=window))
+            assert cache.bytes <= max(cache.budget, 0) or cache.bytes == 0
+
+
+def test_unmasked_reads_have_no_masks(tmp_path):
+    path = layout_raster(tmp_path / "plain.tif", scene(20, 30, bands=2), (16, 16))
+    with rasterio.open(path) as src:
+        data, masks = read_window(src, [1, 2], Window(3, 2, 20, 15), ChunkCache(), "p")
+        assert masks is None
+        np.testing.assert_array_equal(data, src.read([1, 2], window=Window(3, 2, 20, 15)))
+
+
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from([1, 7, 16, 256, 512]),
+       st.sampled_from([16, 128, 256, 300]), st.data())
+def test_chunks_are_whole_blocks_and_cover_a_window_exactly(width, height, block_rows, block_cols, data):
+    grid = ChunkGrid.of(width, height, block_rows, min(block_cols, width) if block_cols == 300 else block_cols)
+    assert grid.rows % block_rows == 0 and grid.rows >= min(256, height)
+    row = data.draw(st.integers(0, height - 1))
+    col = data.draw(st.integers(0, width - 1))
+    window = Window(col, row, data.draw(st.integers(1, width - col)), data.draw(st.integers(1, height - row)))
+    covered = np.zeros((height, width), int)
+    for i, j in grid.covering(window):
+        w = grid.window(i, j)
+        assert w.width > 0 and w.height > 0
+        covered[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
+    inside = covered[row : row + window.height, col : col + window.width]
+    assert (inside == 1).all()  # every pixel of the window in exactly one chunk
+
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("width, block, expected", [
+    (4096, (256, 256), 4 * 256 * 4096 * 8),  # a band of 4 chunk rows across the raster
+    (32768, (256, 256), BAND_BUDGET),  # a wider band is not kept whole
+    (32768, (512, 512), None),  # 8 x 8 tiles: the batch's own 6 x 6 chunks, and room beside them
+    (32768, (1, 32768), 1.5 * 4 * 256 * 32768 * 8),  # strips: one batch's chunks are its band
+])
+def test_a_band_of_batches_is_kept_up_to_a_bound_that_strips_cannot_keep(width, block, expected):
+    grid = ChunkGrid.of(width, 8192, *block)
+    batch = Window(448, 448, 1152, 640)  # 2 x 4 tiles of 256 with halos of 64, rows 448..1088
+    if expected is None:
+        batch, expected = Window(448, 448, 2176, 2176), 1.5 * 36 * 512 * 512 * 8
+    assert grid.budget(batch, pixel_bytes=8) == int(expected)
+
+
+def chunk(n: int) -> Chunk:
+    return Chunk(np.zeros(n, np.uint8), None)
+
+
+def test_the_least_recently_used_chunks_go_first_once_the_budget_is_passed():
+    cache = ChunkCache(budget=300)
+    for key in "abc":
+        cache.get(key, lambda: chunk(100))
+    cache.get("a", lambda: pytest.fail("a is kept"))  # a is now the most recent
+    cache.get("d", lambda: chunk(100))  # 400 bytes: b, the least recent, goes
+    assert (cache.hits, cache.misses, cache.bytes) == (1, 4, 300)
+    loads = []
+    cache.get("b", lambda: loads.append("b") or chunk(100))
+    assert loads == ["b"]
+    cache.resize(100)
+    assert cache.bytes == 100
+    cache.get("b", lambda: pytest.fail("b, the most recent, is kept"))
+
+
+def test_threads_that_miss_the_same_chunk_load_it_once():
+    cache = ChunkCache(budget=10_000)
+    started, release, loads = threading.Event(), threading.Event(), []
+
+    def load():
+        loads.append(threading.current_thread().name)
+        started.set()
+        release.wait(5)
+        return chunk(10)
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(cache.get, "k", load)
+        started.wait(5)
+        others = [pool.submit(cache.get, "k", load) for _ in range(3)]
+        release.set()
+        results = [first.result(5)] + [f.result(5) for f in others]
+    assert len(loads) == 1 and all(r is results[0] for r in results)
+    assert (cache.misses, cache.hits) == (1, 3)
+
+
+def test_a_failed_load_reaches_every_waiter_and_is_not_kept():
+    cache = ChunkCache(budget=10_000)
+
+    def broken():
+        raise OSError("TIFFReadEncodedTile() failed")
+
+    with pytest.raises(OSError, match="TIFFReadEncodedTile"):
+        cache.get("k", broken)
+    assert cache.get("k", lambda: chunk(10)).values.size == 10  # loaded again, not the failure
+
+
+@pytest.mark.parametrize("layout", ["tiled 16", "strips of 1 row"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monkeypatch, layout, threads):
+    """Every batch of a run, through the worker's cache sized by the batches: before the cache,
+    each batch decoded its chunks again (strips once per batch along their band)."""
+    monkeypatch.setattr(tasks, "CHUNKS", ChunkCache())
+    data = scene(600, 1400, bands=2, seed=5)
+    path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout]))
+    spec = tile_spec(64, 16, 16)
+    batches = tile_batches(1400, 600, spec, 8)
+    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
+    key = uuid.uuid4().hex
+    with ThreadPoolExecutor(threads) as pool:
+        cached = list(pool.map(lambda b: tasks.read_tiles(path, b, [1, 2], norm, spec.read_size, key), batches))
+    plain = [tasks.read_tiles(path, b, [1, 2], norm, spec.read_size) for b in batches]
+    for a, b in zip(cached, plain):
+        np.testing.assert_array_equal(a.x, b.x)
+    with rasterio.open(path) as src:
+        grid = grid_of(src, [1, 2])
+    chunks = -(-600 // grid.rows) * -(-1400 // grid.cols)
+    assert tasks.CHUNKS.misses == chunks if threads == 1 else chunks <= tasks.CHUNKS.misses <= 1.1 * chunks
+    assert tasks.CHUNKS.hits > 4 * chunks
