@@ -58,10 +58,17 @@ class RasterInfo:
     dtypes: tuple[str, ...]
     crs: CRS | None
     transform: rasterio.Affine
+    block_shape: tuple[int, int] = (256, 256)
+    """Rows and columns of the first band's blocks (its strips, in a striped file)."""
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+    @property
+    def striped(self) -> bool:
+        """Whether a block spans the raster's width, so any read decodes whole rows of it."""
+        return self.block_shape[1] >= self.width
 
 
 def inspect_raster(path: InputPath, bands: list[int]) -> RasterInfo:
@@ -72,7 +79,8 @@ def inspect_raster(path: InputPath, bands: list[int]) -> RasterInfo:
         raise InputError(f"{path.name}: empty file (0 bytes)")
     try:
         with rasterio.open(path) as src:
-            info = RasterInfo(path, src.width, src.height, src.count, tuple(src.dtypes), src.crs, src.transform)
+            info = RasterInfo(path, src.width, src.height, src.count, tuple(src.dtypes), src.crs, src.transform,
+                              tuple(src.block_shapes[bands[0] - 1]))
             if max(bands) > src.count:
                 raise InputError(f"{path.name}: has {src.count} band(s), the workflow reads band {max(bands)}")
             # Reading the last pixel catches most truncated files before any tile is scheduled.

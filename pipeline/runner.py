@@ -170,7 +170,7 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
                      wf.runtime.precision, read_key)
-            for group in tile_batches(info.width, info.height, spec, wf.tiling.batch)]
+            for group in tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
 

@@ -91,10 +91,11 @@ def batch_band_rows(batch: int) -> int:
     return max(d for d in range(1, math.isqrt(max(batch, 1)) + 1) if batch % d == 0)
 
 
-def tile_batches(width: int, height: int, spec: TileSpec, batch: int) -> list[list[Tile]]:
+def tile_batches(width: int, height: int, spec: TileSpec, batch: int, striped: bool = False) -> list[list[Tile]]:
     """The tile plan cut into batches of ``batch`` tiles (the last may be short), each a
-    compact block of the grid where the raster allows."""
-    return batches(plan_tiles(width, height, spec, batch_band_rows(batch)), batch)
+    compact block of the grid where the raster allows; row by row for a ``striped`` raster,
+    whose every read decodes whole rows anyway, so that a batch spans as few of them as it can."""
+    return batches(plan_tiles(width, height, spec, 1 if striped else batch_band_rows(batch)), batch)
 
 
 def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:

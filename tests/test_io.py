@@ -89,3 +89,10 @@ def test_normaliser_writes_into_a_given_slot():
     assert got.base is batch or got is batch[1] or np.shares_memory(got, batch)
     np.testing.assert_array_equal(batch[1, 0], [[1.0, 2.0], [0.0, 0.0]])
     np.testing.assert_array_equal(batch[0], 7.0)  # the other slot untouched
+
+
+@pytest.mark.parametrize("tiled, striped", [(True, False), (False, True)])
+def test_inspection_says_whether_reads_decode_whole_rows(tmp_path, tiled, striped):
+    path = write_raster(tmp_path / "s.tif", scene(40, 48), tiled=tiled)
+    info = inspect_raster(path, [1, 2])
+    assert info.striped is striped and info.block_shape[1] == (16 if tiled else 48)

@@ -79,9 +79,17 @@ def test_batches_are_blocks_of_the_tile_grid():
         assert len(rows) == 2 and len(cols) == 4
 
 
-@given(width=sizes, height=sizes, spec=specs, batch=st.integers(1, 20))
-def test_batches_hold_every_tile_once_and_only_the_last_is_short(width, height, spec, batch):
-    groups = tile_batches(width, height, spec, batch)
+def test_a_striped_rasters_batches_run_along_its_rows():
+    spec = tile_spec(16, 4, 4)
+    groups = tile_batches(16 * 16, 16 * 6, spec, 8, striped=True)  # each read decodes whole rows
+    assert [len(g) for g in groups] == [8] * 12
+    assert grid_cells(groups[0], 16) == {(0, c) for c in range(8)}
+    assert grid_cells(groups[3], 16) == {(1, c) for c in range(8, 16)}
+
+
+@given(width=sizes, height=sizes, spec=specs, batch=st.integers(1, 20), striped=st.booleans())
+def test_batches_hold_every_tile_once_and_only_the_last_is_short(width, height, spec, batch, striped):
+    groups = tile_batches(width, height, spec, batch, striped)
     assert all(len(g) == batch for g in groups[:-1]) and 1 <= len(groups[-1]) <= batch
     got = sorted((t.core.row_off, t.core.col_off) for g in groups for t in g)
     assert got == sorted((t.core.row_off, t.core.col_off) for t in plan_tiles(width, height, spec))
