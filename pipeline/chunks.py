@@ -73,9 +73,9 @@ class ChunkGrid:
         halo rows, up to :data:`BAND_BUDGET`; beyond that (wide tiled rasters), enough for the
         batches in flight along the band, which share the chunks of their common edges. A
         striped raster's chunks are as wide as the raster, so a batch's own chunks are already
-        its whole band, whatever its width: there memory grows with the width (batches of 8
-        tiles of 256 read 640 rows, 3 or 4 chunks of 256 rows: 50,000 px wide with 4 uint16
-        bands, 0.3-0.4 GB, and half as much again of slack).
+        its whole band, whatever its width: there memory grows with the width (striped inputs
+        are batched row by row: a row of tiles of 256 reads 384 rows, 2 or 3 chunks of 256
+        rows, 0.2-0.3 GB 50,000 px wide with 4 uint16 bands, and half as much again of slack).
         """
         first, last = area.row_off // self.rows, (area.row_off + area.height - 1) // self.rows
         band = (last - first + 1) * self.rows * -(-self.width // self.cols) * self.cols
