@@ -109,6 +109,7 @@ class ChunkCache:
         self.hits = self.misses = self.bytes = 0
         self._chunks: collections.OrderedDict[Hashable, Chunk] = collections.OrderedDict()
         self._loading: dict[Hashable, concurrent.futures.Future[Chunk]] = {}
+        self._owner: Hashable = None
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, load: Callable[[], Chunk]) -> Chunk:
@@ -139,10 +140,13 @@ class ChunkCache:
             self._loading.pop(key).set_result(chunk)
         return chunk
 
-    def resize(self, budget: int) -> None:
-        """Keep at most ``budget`` bytes from now on (the least recently used go first)."""
+    def resize(self, budget: int, owner: Hashable = None) -> None:
+        """Keep at most ``budget`` bytes from now on (the least recently used go first); for the
+        same ``owner`` as the last call, at least what it asked for then, since the batches it
+        asked for may still be in flight on other threads."""
         with self._lock:
-            self.budget = budget
+            self.budget = max(budget, self.budget) if owner is not None and owner == self._owner else budget
+            self._owner = owner
             self._evict()
 
     def forget(self, owner: Hashable) -> None:
@@ -150,6 +154,8 @@ class ChunkCache:
         with self._lock:
             for key in [k for k in self._chunks if isinstance(k, tuple) and k[:1] == (owner,)]:
                 self.bytes -= self._chunks.pop(key).nbytes
+            if owner == self._owner:
+                self._owner = None
 
     def _evict(self) -> None:
         while self.bytes > self.budget and self._chunks:

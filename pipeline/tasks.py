@@ -85,7 +85,7 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normalise
     with rasterio.open(path) as src:
         if key is not None:
             area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
-            CHUNKS.resize(grid_of(src, bands).budget(area, pixel_bytes(src, bands)))
+            CHUNKS.resize(grid_of(src, bands).budget(area, pixel_bytes(src, bands)), key)
         for i, tile in enumerate(tiles):
             data, valid = read_tile(src, tile, list(bands), CHUNKS if key is not None else None, key)
             normaliser(data, valid, out=x[i])

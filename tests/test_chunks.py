@@ -134,6 +134,18 @@ def test_the_least_recently_used_chunks_go_first_once_the_budget_is_passed():
     cache.get("b", lambda: pytest.fail("b, the most recent, is kept"))
 
 
+def test_an_inputs_budget_does_not_shrink_under_its_batches_in_flight():
+    cache = ChunkCache()
+    cache.resize(300, "a")
+    cache.resize(100, "a")  # a smaller batch of the same input: the larger one may still be reading
+    assert cache.budget == 300
+    cache.resize(100, "b")  # the next input sets its own
+    assert cache.budget == 100
+    cache.forget("b")
+    cache.resize(50, "b")  # the same name after it was forgotten starts afresh
+    assert cache.budget == 50
+
+
 def test_threads_that_miss_the_same_chunk_load_it_once():
     cache = ChunkCache(budget=10_000)
     started, release, loads = threading.Event(), threading.Event(), []
@@ -171,10 +183,10 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
     """Every batch of a run, through the worker's cache sized by the batches: before the cache,
     each batch decoded its chunks again (strips once per batch along their band)."""
     monkeypatch.setattr(tasks, "CHUNKS", ChunkCache())
-    data = scene(600, 1400, bands=2, seed=5)
+    data = scene(1400, 1400, bands=2, seed=5)
     path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout]))
     spec = tile_spec(64, 16, 16)
-    batches = tile_batches(1400, 600, spec, 8, striped=layout.startswith("strips"))  # as the runner plans them
+    batches = tile_batches(1400, 1400, spec, 8, striped=layout.startswith("strips"))  # as the runner plans them
     norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
     key = uuid.uuid4().hex
     with ThreadPoolExecutor(threads) as pool:
@@ -184,6 +196,6 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
         np.testing.assert_array_equal(a.x, b.x)
     with rasterio.open(path) as src:
         grid = grid_of(src, [1, 2])
-    chunks = -(-600 // grid.rows) * -(-1400 // grid.cols)
+    chunks = -(-1400 // grid.rows) * -(-1400 // grid.cols)
     assert tasks.CHUNKS.misses == chunks if threads == 1 else chunks <= tasks.CHUNKS.misses <= 1.1 * chunks
     assert tasks.CHUNKS.hits > 4 * chunks
