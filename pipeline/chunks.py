@@ -163,47 +163,56 @@ class ChunkCache:
             self.bytes -= chunk.nbytes
 
 
-def grid_of(src: rasterio.DatasetReader, bands: Sequence[int]) -> ChunkGrid:
-    block_rows, block_cols = src.block_shapes[bands[0] - 1]
-    return ChunkGrid.of(src.width, src.height, block_rows, block_cols)
+@dataclasses.dataclass(frozen=True)
+class ChunkReader:
+    """Windows of one open input, read through ``cache`` under ``key``; the chunk grid and
+    whether GDAL's masks apply are worked out once per open, not per tile."""
 
+    src: rasterio.DatasetReader
+    bands: tuple[int, ...]
+    cache: ChunkCache
+    key: Hashable
+    grid: ChunkGrid
+    masked: bool
 
-def pixel_bytes(src: rasterio.DatasetReader, bands: Sequence[int]) -> int:
-    """Bytes a cached pixel takes: the bands' values, and their validity where it is not implied."""
-    values = sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
-    return values + (0 if all_valid(src, bands) else len(bands))
+    @classmethod
+    def of(cls, src: rasterio.DatasetReader, bands: Sequence[int], cache: ChunkCache | None = None,
+           key: Hashable = None) -> ChunkReader:
+        """A reader of ``bands``; without ``cache`` it keeps nothing."""
+        bands = tuple(bands)
+        block_rows, block_cols = src.block_shapes[bands[0] - 1]
+        masked = not all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+        return cls(src, bands, ChunkCache() if cache is None else cache, key,
+                   ChunkGrid.of(src.width, src.height, block_rows, block_cols), masked)
 
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes a cached pixel takes: the bands' values, and their masks where GDAL has any."""
+        values = sum(np.dtype(self.src.dtypes[b - 1]).itemsize for b in self.bands)
+        return values + (len(self.bands) if self.masked else 0)
 
-def all_valid(src: rasterio.DatasetReader, bands: Sequence[int]) -> bool:
-    """No nodata, internal mask or alpha on ``bands``: GDAL's masks would be all 255."""
-    return all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        """The bands of ``window`` (inside the raster) and GDAL's per-band masks of it (None
+        when no band has nodata, an internal mask or alpha), assembled from chunks."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        data = valid = None
+        for i, j in self.grid.covering(window):
+            area = self.grid.window(i, j)
+            chunk = self.cache.get((self.key, self.bands, i, j), lambda area=area: self._load(area))
+            if data is None:
+                data = np.empty((len(self.bands), h, w), chunk.values.dtype)
+                valid = np.empty((len(self.bands), h, w), np.uint8) if self.masked else None
+            top, bottom = max(r0, area.row_off), min(r0 + h, area.row_off + area.height)
+            left, right = max(c0, area.col_off), min(c0 + w, area.col_off + area.width)
+            out = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
+            part = np.s_[:, top - area.row_off : bottom - area.row_off, left - area.col_off : right - area.col_off]
+            data[out] = chunk.values[part]
+            if valid is not None:
+                valid[out] = chunk.masks[part]
+        return data, valid
 
-
-def read_window(src: rasterio.DatasetReader, bands: Sequence[int], window: Window, cache: ChunkCache,
-                key: Hashable) -> tuple[np.ndarray, np.ndarray | None]:
-    """``bands`` of ``window`` (inside the raster) and GDAL's per-band masks of it (None when
-    every pixel is valid), assembled from the chunks of ``src`` kept in ``cache`` under ``key``."""
-    bands = list(bands)
-    grid = grid_of(src, bands)
-    masked = not all_valid(src, bands)
-    r0, c0 = int(window.row_off), int(window.col_off)
-    h, w = int(window.height), int(window.width)
-    data = valid = None
-    for i, j in grid.covering(window):
-        area = grid.window(i, j)
-        chunk = cache.get((key, tuple(bands), i, j), lambda area=area: _load(src, bands, area, masked))
-        if data is None:
-            data = np.empty((len(bands), h, w), chunk.values.dtype)
-            valid = np.empty((len(bands), h, w), np.uint8) if masked else None
-        top, bottom = max(r0, area.row_off), min(r0 + h, area.row_off + area.height)
-        left, right = max(c0, area.col_off), min(c0 + w, area.col_off + area.width)
-        out = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
-        part = np.s_[:, top - area.row_off : bottom - area.row_off, left - area.col_off : right - area.col_off]
-        data[out] = chunk.values[part]
-        if valid is not None:
-            valid[out] = chunk.masks[part]
-    return data, valid
-
-
-def _load(src: rasterio.DatasetReader, bands: list[int], area: Window, masked: bool) -> Chunk:
-    return Chunk(src.read(bands, window=area), src.read_masks(bands, window=area) if masked else None)
+    def _load(self, area: Window) -> Chunk:
+        bands = list(self.bands)
+        return Chunk(self.src.read(bands, window=area),
+                     self.src.read_masks(bands, window=area) if self.masked else None)

@@ -7,7 +7,6 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from pipeline.chunks import ChunkCache, read_window
+from pipeline.chunks import ChunkReader
 from pipeline.errors import InputError
 from pipeline.windows import Tile, reflect_indices, source_span
 
@@ -58,7 +57,7 @@ class RasterInfo:
     dtypes: tuple[str, ...]
     crs: CRS | None
     transform: rasterio.Affine
-    block_shape: tuple[int, int] = (256, 256)
+    block_shape: tuple[int, int]
     """Rows and columns of the first band's blocks (its strips, in a striped file)."""
 
     @property
@@ -126,20 +125,21 @@ class Normaliser:
         return z
 
 
-def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int], chunks: ChunkCache | None = None,
-              key: Hashable = None) -> tuple[np.ndarray, np.ndarray]:
+def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int],
+              reader: ChunkReader | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S).
 
     Context beyond the raster is reflected; a pixel is valid when every band's dataset
     mask (nodata value, internal mask or alpha) says so and its value is finite. The pixels
-    come through ``chunks`` under ``key`` (the input's decoded chunks, shared with the tiles
-    around this one); without it nothing is kept.
+    come through ``reader`` (``src``'s decoded chunks, shared with the tiles around this
+    one); without it nothing is kept.
     """
     rows = reflect_indices(tile.read.row_off, tile.read.row_off + tile.read.height, src.height)
     cols = reflect_indices(tile.read.col_off, tile.read.col_off + tile.read.width, src.width)
     r0, r1 = source_span(rows)
     c0, c1 = source_span(cols)
-    data, masks = read_window(src, bands, Window(c0, r0, c1 - c0, r1 - r0), ChunkCache() if chunks is None else chunks, key)
+    reader = ChunkReader.of(src, bands) if reader is None else reader
+    data, masks = reader.read(Window(c0, r0, c1 - c0, r1 - r0))
     valid = np.ones(data.shape[1:], bool) if masks is None else np.all(masks > 0, axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.all(np.isfinite(data), axis=0)

@@ -16,7 +16,7 @@ import rasterio
 from rasterio import windows
 from rasterio.windows import Window
 
-from pipeline.chunks import ChunkCache, grid_of, pixel_bytes
+from pipeline.chunks import ChunkCache, ChunkReader
 from pipeline.infer import configure_jax, device_description, get_predictor
 from pipeline.io import Normaliser, read_tile
 from pipeline.stitch import core_mask, place
@@ -83,11 +83,12 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normalise
     x = np.empty((len(tiles), len(bands), read_size, read_size), np.float32)
     masks = []
     with rasterio.open(path) as src:
+        reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
         if key is not None:
             area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
-            CHUNKS.resize(grid_of(src, bands).budget(area, pixel_bytes(src, bands)), key)
+            CHUNKS.resize(reader.grid.budget(area, reader.pixel_bytes), key)
         for i, tile in enumerate(tiles):
-            data, valid = read_tile(src, tile, list(bands), CHUNKS if key is not None else None, key)
+            data, valid = read_tile(src, tile, list(bands), reader)
             normaliser(data, valid, out=x[i])
             masks.append(core_mask(valid, tile))
     return BatchInputs(x, tuple(masks))

@@ -20,8 +20,7 @@ from pipeline.chunks import (
     Chunk,
     ChunkCache,
     ChunkGrid,
-    grid_of,
-    read_window,
+    ChunkReader,
 )
 from pipeline.io import Normaliser
 from pipeline.windows import tile_batches, tile_spec
@@ -67,7 +66,7 @@ def test_reads_through_the_cache_equal_gdal_reads(raster, ws, bands, budget):
     cache = ChunkCache(budget)  # small budgets evict between and within reads
     with rasterio.open(raster) as src:
         for window in ws:
-            data, masks = read_window(src, bands, window, cache, "r")
+            data, masks = ChunkReader.of(src, bands, cache, "r").read(window)
             np.testing.assert_array_equal(data, src.read(bands, window=window))
             np.testing.assert_array_equal(masks, src.read_masks(bands, window=window))
             assert cache.bytes <= cache.budget
@@ -76,7 +75,7 @@ def test_reads_through_the_cache_equal_gdal_reads(raster, ws, bands, budget):
 def test_unmasked_reads_have_no_masks(tmp_path):
     path = layout_raster(tmp_path / "plain.tif", scene(20, 30, bands=2), (16, 16))
     with rasterio.open(path) as src:
-        data, masks = read_window(src, [1, 2], Window(3, 2, 20, 15), ChunkCache(), "p")
+        data, masks = ChunkReader.of(src, [1, 2], ChunkCache(), "p").read(Window(3, 2, 20, 15))
         assert masks is None
         np.testing.assert_array_equal(data, src.read([1, 2], window=Window(3, 2, 20, 15)))
 
@@ -195,7 +194,7 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
     for a, b in zip(cached, plain):
         np.testing.assert_array_equal(a.x, b.x)
     with rasterio.open(path) as src:
-        grid = grid_of(src, [1, 2])
+        grid = ChunkReader.of(src, [1, 2]).grid
     chunks = -(-1400 // grid.rows) * -(-1400 // grid.cols)
     assert tasks.CHUNKS.misses == chunks if threads == 1 else chunks <= tasks.CHUNKS.misses <= 1.1 * chunks
     assert tasks.CHUNKS.hits > 4 * chunks

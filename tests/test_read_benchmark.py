@@ -21,7 +21,7 @@ import pytest
 import rasterio
 
 from pipeline import bench, tasks
-from pipeline.chunks import ChunkCache, grid_of
+from pipeline.chunks import ChunkCache, ChunkReader
 from pipeline.io import Normaliser, inspect_raster
 from pipeline.windows import tile_batches, tile_spec
 
@@ -64,7 +64,7 @@ def test_the_chunk_cache_reads_a_scene_faster(tmp_path, monkeypatch, batch):
         info = inspect_raster(path, [1, 2, 3, 4])
         batches = tile_batches(size, size, tile_spec(256, 64, 16), batch, info.striped)  # as the runner plans them
         with rasterio.open(path) as src:
-            grid = grid_of(src, [1, 2, 3, 4])
+            grid = ChunkReader.of(src, [1, 2, 3, 4]).grid
         chunks = -(-size // grid.rows) * -(-size // grid.cols)
         times = {False: [], True: []}
         for cached in (False, True) * 2:  # the better of two, taken in turns: the first in a process is slower
