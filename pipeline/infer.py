@@ -147,7 +147,7 @@ class Predictor:
         def forward(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
             if sequential_tiles:
                 return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
-                                     out_specs=PartitionSpec("data"))(state, x)
+                                     out_specs=PartitionSpec("data"), check_vma=False)(state, x)
             return predict(nnx.merge(graphdef, state), x)
 
         self._forward = forward
