@@ -18,7 +18,7 @@ import os
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,13 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from pipeline.overviews import (
+    mode_2x2,
+    overview_count,
+    overview_shape,
+    pair_starts,
+    paired,
+)
 from pipeline.stitch import NODATA
 from unet_flax.checkpoint import ModelCard
 
@@ -303,6 +310,14 @@ def vrt_source(band_el: ET.Element, path: Path, band: int, *, relative_to: Path 
         ET.SubElement(el, "NODATA").text = str(nodata)
 
 
+def vrt_overviews(band_el: ET.Element, paths: Sequence[Path], band: int) -> None:
+    """The band's overviews, finest first: GDAL reads (and copies) these instead of computing its own."""
+    for path in paths:
+        el = ET.SubElement(band_el, "Overview")
+        ET.SubElement(el, "SourceFilename", relativeToVRT="0").text = str(Path(path).resolve())
+        ET.SubElement(el, "SourceBand").text = str(band)
+
+
 def _num(value: float) -> str:
     """A window offset or size for VRT XML: an integer when it is one (to 1e-6 pixel)."""
     rounded = round(value)
@@ -330,8 +345,8 @@ def open_raster(path: Path | str) -> rasterio.DatasetReader:
 
 
 def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool) -> None:
-    """GDAL's COG driver: tiled, DEFLATE on every core, overviews by ``resampling``; copies PAM items
-    to aux.xml.
+    """GDAL's COG driver: tiled, DEFLATE on every core, the VRT's overviews (or, where it has
+    none, overviews computed by ``resampling``); copies PAM items to aux.xml.
 
     The driver computes the overviews into a temporary file first, compressed by default and
     decompressed again to copy them: uncompressed (``COG_TMP_COMPRESSION``), the COG is the same
@@ -342,6 +357,40 @@ def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bo
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(vrt_text(vrt)) as src:
             rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor))
+
+
+@contextmanager
+def _mode_overviews(src: rasterio.DatasetReader, dest: Path) -> Iterator[list[Path]]:
+    """The MODE overviews GDAL's COG driver would make of the class mask ``src``, computed in
+    numpy (:mod:`pipeline.overviews`) into temporary GeoTIFFs beside ``dest``, finest first,
+    each from the one before, a strip at a time; they are removed on exit."""
+    paths = [temporary_name(dest, f"-overview{level}.tif")
+             for level in range(1, overview_count(src.width, src.height, BLOCK) + 1)]
+    try:
+        with ExitStack() as written:
+            source = src
+            for level, path in enumerate(paths, start=1):
+                _mode_overview(source, path, *overview_shape(src.width, src.height, level))
+                source = written.enter_context(open_raster(path))
+        yield paths
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def _mode_overview(source: rasterio.DatasetReader, path: Path, height: int, width: int) -> None:
+    """One overview level of ``source``, ``BLOCK // 2`` rows (a block of source rows) at a time."""
+    rows, cols = pair_starts(source.height, height), pair_starts(source.width, width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=source.count,
+                           dtype="uint8", nodata=NODATA) as out:
+            for top in range(0, height, BLOCK // 2):
+                starts = rows[top : top + BLOCK // 2]
+                first = int(starts[0])
+                strip = source.read(window=Window(0, first, source.width, min(int(starts[-1]) + 2, source.height) - first))
+                pixels = paired(paired(strip, starts - first, -2), cols, -1)
+                out.write(mode_2x2(pixels, NODATA), window=Window(0, top, width, len(starts)))
 
 
 def cog_options(resampling: str, predictor: bool) -> dict[str, str | int]:
@@ -381,7 +430,9 @@ def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[
             tags = class_tags(card) | (pixel_tags(pixels, card) if pixels is not None else {})
             band = vrt_band(root, 1, description=f"class ({card.name})", tags=tags, card=card)
             vrt_source(band, Path(tmp_mask).resolve(), 1)
-        _write_cog(root, cog, resampling="MODE", predictor=False)
+            with _mode_overviews(src, files.mask) as levels:
+                vrt_overviews(band, levels, 1)
+                _write_cog(root, cog, resampling="MODE", predictor=False)
         style.write_text(qml_style(card), encoding="utf-8")
         _render_quicklook(cog, png, QUICKLOOK_SIZE)
     return files.mask

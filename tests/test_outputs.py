@@ -219,6 +219,59 @@ def test_uncompressed_temporary_overviews_leave_the_cog_byte_for_byte_the_same(t
     assert (tmp_path / "ours.tif").read_bytes() == (tmp_path / "gdal.tif").read_bytes()
 
 
+def mode_cog(tmp_path: Path, codes: np.ndarray, name: str, ours: bool) -> Path:
+    """``codes`` as a COG with overviews by GDAL's MODE (``ours``: computed by tilepipe)."""
+    tmp = tmp_raster(tmp_path, codes, name=f"{name}-source.tif")
+    root = outputs.vrt_dataset(codes.shape[1], codes.shape[0], None, None, {})
+    band = outputs.vrt_band(root, 1, description="codes", tags={}, card=CARD)
+    outputs.vrt_source(band, tmp, 1)
+    with rasterio.open(tmp) as src, outputs._mode_overviews(src, tmp_path / name) as levels:
+        if ours:
+            outputs.vrt_overviews(band, levels, 1)
+        outputs._write_cog(root, tmp_path / name, resampling="MODE", predictor=False)
+    return tmp_path / name
+
+
+def random_codes(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Codes pixel by pixel at random, a tenth nodata, and a nodata corner: ties everywhere."""
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(np.array([0, 3, 10], np.uint8), (height, width))
+    codes[rng.random((height, width)) < 0.1] = 255
+    codes[: height // 5, : width // 7] = 255
+    return codes
+
+
+@pytest.mark.parametrize("height, width", [(1024, 768), (512, 1536), (600, 600)])
+def test_mode_overviews_from_numpy_make_gdals_own_cog_byte_for_byte_where_sides_are_even(tmp_path, height, width):
+    codes = random_codes(height, width)
+    ours, gdal = mode_cog(tmp_path, codes, "ours.tif", True), mode_cog(tmp_path, codes, "gdal.tif", False)
+    with rasterio.open(ours) as src:
+        assert len(src.overviews(1)) >= 1
+    assert ours.read_bytes() == gdal.read_bytes()
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]  # the overviews' files are gone
+
+
+@pytest.mark.parametrize("height, width", [(515, 333), (257, 1029)])
+def test_mode_overviews_of_odd_sides_have_gdals_levels_and_look_like_gdals(tmp_path, height, width):
+    from test_overviews import one_level  # the numpy levels, checked against GDAL's MODE there
+
+    codes = np.kron(random_codes(height // 8 + 1, width // 8 + 1, seed=1), np.ones((8, 8), np.uint8))[:height, :width]
+    ours, gdal = mode_cog(tmp_path, codes, "ours.tif", True), mode_cog(tmp_path, codes, "gdal.tif", False)
+    with rasterio.open(ours) as a, rasterio.open(gdal) as b:
+        assert a.overviews(1) == b.overviews(1) and a.profile == b.profile
+        np.testing.assert_array_equal(a.read(1), codes)
+        levels = len(a.overviews(1))
+    expected = codes
+    for level in range(levels):
+        with rasterio.open(ours, overview_level=level) as mine, rasterio.open(gdal, overview_level=level) as theirs:
+            assert mine.shape == theirs.shape
+            expected = one_level(expected, *mine.shape)
+            got = mine.read(1)
+            np.testing.assert_array_equal(got, expected)
+            # GDAL stretches its windows over odd sides (3 pixels, not 2): the odd pixel out differs
+            assert 0.85 < np.mean(got == theirs.read(1)) < 1
+
+
 def test_confidence_is_a_percent_cog_with_averaged_overviews(tmp_path):
     conf = np.full((600, 600), 40, np.uint8)
     conf[:, 1::2] = 60  # averaging gives 50; nodata rows stay nodata
