@@ -11,6 +11,7 @@ import rasterio
 import rasterio.shutil
 from conftest import write_raster
 from rio_cogeo.cogeo import cog_validate
+from test_overviews import one_level
 
 from pipeline import outputs
 from pipeline.outputs import (
@@ -253,8 +254,6 @@ def test_mode_overviews_from_numpy_make_gdals_own_cog_byte_for_byte_where_sides_
 
 @pytest.mark.parametrize("height, width", [(515, 333), (257, 1029)])
 def test_mode_overviews_of_odd_sides_have_gdals_levels_and_look_like_gdals(tmp_path, height, width):
-    from test_overviews import one_level  # the numpy levels, checked against GDAL's MODE there
-
     codes = np.kron(random_codes(height // 8 + 1, width // 8 + 1, seed=1), np.ones((8, 8), np.uint8))[:height, :width]
     ours, gdal = mode_cog(tmp_path, codes, "ours.tif", True), mode_cog(tmp_path, codes, "gdal.tif", False)
     with rasterio.open(ours) as a, rasterio.open(gdal) as b:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.overviews import mode_2x2, overview_count, overview_shape, pair_starts, paired
+from pipeline.overviews import (
+    mode_2x2,
+    overview_count,
+    overview_shape,
+    pair_starts,
+    paired,
+)
 
 ND = 255
 
@@ -65,7 +74,7 @@ def test_paired_rows_read_in_pieces_are_the_rows_read_at_once(x, cuts):
     whole = paired(x, starts, -2)
     edges = sorted({0, height, *(c for c in cuts if c < height)})
     pieces = []
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         part = starts[a:b]
         strip = x[part[0] : min(part[-1] + 2, x.shape[0])]
         pieces.append(paired(strip, part - part[0], -2))
