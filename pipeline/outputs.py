@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -335,10 +336,12 @@ def georeferencing(src: rasterio.DatasetReader) -> tuple[CRS | None, Affine | No
     return src.crs, (src.transform if has_transform else None)
 
 
-def open_raster(path: Path | str) -> rasterio.DatasetReader:
+def open_raster(path: Path | str, mode: str = "r", **profile: Any) -> Any:
+    """``rasterio.open`` without its warning that a raster has no georeferencing: an input
+    without any gets outputs without any, and every file tilepipe writes follows its input."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
+        return rasterio.open(path, mode, **profile)
 
 
 # --- Cloud-Optimized GeoTIFFs ------------------------------------------------------------
@@ -353,10 +356,8 @@ def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bo
     byte for byte and about a quarter faster to write (that file takes a third of the raster's
     uncompressed size on disk while it exists).
     """
-    with warnings.catch_warnings(), rasterio.Env(COG_TMP_COMPRESSION="NONE"):
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(vrt_text(vrt)) as src:
-            rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor))
+    with rasterio.Env(COG_TMP_COMPRESSION="NONE"), open_raster(vrt_text(vrt)) as src:
+        rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor))
 
 
 @contextmanager
@@ -381,16 +382,14 @@ def _mode_overviews(src: rasterio.DatasetReader, dest: Path) -> Iterator[list[Pa
 def _mode_overview(source: rasterio.DatasetReader, path: Path, height: int, width: int) -> None:
     """One overview level of ``source``, ``BLOCK // 2`` rows (a block of source rows) at a time."""
     rows, cols = pair_starts(source.height, height), pair_starts(source.width, width)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=source.count,
-                           dtype="uint8", nodata=NODATA) as out:
-            for top in range(0, height, BLOCK // 2):
-                starts = rows[top : top + BLOCK // 2]
-                first = int(starts[0])
-                strip = source.read(window=Window(0, first, source.width, min(int(starts[-1]) + 2, source.height) - first))
-                pixels = paired(paired(strip, starts - first, -2), cols, -1)
-                out.write(mode_2x2(pixels, NODATA), window=Window(0, top, width, len(starts)))
+    with open_raster(path, "w", driver="GTiff", width=width, height=height, count=source.count, dtype="uint8",
+                     nodata=NODATA) as out:
+        for top in range(0, height, BLOCK // 2):
+            starts = rows[top : top + BLOCK // 2]
+            first = int(starts[0])
+            strip = source.read(window=Window(0, first, source.width, min(int(starts[-1]) + 2, source.height) - first))
+            pixels = paired(paired(strip, starts - first, -2), cols, -1)
+            out.write(mode_2x2(pixels, NODATA), window=Window(0, top, width, len(starts)))
 
 
 def cog_options(resampling: str, predictor: bool) -> dict[str, str | int]:
@@ -497,12 +496,10 @@ def _render_quicklook(mask: Path, dest: Path, max_size: int) -> None:
         codes = src.read(1, out_shape=quicklook_shape(src.height, src.width, max_size), resampling=Resampling.mode)
         tags = provenance_of(src)
     rgba = np.moveaxis(lut[codes], -1, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(dest, "w", driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4,
-                           dtype="uint8", WRITE_METADATA_AS_TEXT="YES") as dst:
-            dst.write(rgba)
-            dst.update_tags(**tags)
+    with open_raster(dest, "w", driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4, dtype="uint8",
+                     WRITE_METADATA_AS_TEXT="YES") as dst:
+        dst.write(rgba)
+        dst.update_tags(**tags)
 
 
 def provenance_of(src: rasterio.DatasetReader) -> dict[str, str]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import re
 import resource
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
 
 from pipeline import outputs
 from pipeline.config import OutputSection
@@ -51,9 +49,7 @@ class MaskSink:
         self.datasets = {}
         try:
             for name, path in self.paths.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                    self.datasets[name] = rasterio.open(path, "w", count=bands[name], **profile)
+                self.datasets[name] = outputs.open_raster(path, "w", count=bands[name], **profile)
         except Exception:
             self.discard()
             raise
@@ -125,16 +121,14 @@ class MaskSink:
 
 def verify_raster(path: Path, info: RasterInfo, count: int) -> None:
     """Reopen ``path`` and check it: the input's grid, ``count`` bands, every block readable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path) as src:
-            if (src.width, src.height) != (info.width, info.height) or src.count != count:
-                raise OutputError(f"{path.name}: written {src.count} band(s) of {src.width}x{src.height}, "
-                                  f"expected {count} of {info.width}x{info.height}")
-            if src.crs != info.crs or (info.crs is not None and src.transform != info.transform):
-                raise OutputError(f"{path.name}: written with a different CRS or transform than the input")
-            for _, window in src.block_windows(1):
-                src.read(window=window)
+    with outputs.open_raster(path) as src:
+        if (src.width, src.height) != (info.width, info.height) or src.count != count:
+            raise OutputError(f"{path.name}: written {src.count} band(s) of {src.width}x{src.height}, "
+                              f"expected {count} of {info.width}x{info.height}")
+        if src.crs != info.crs or (info.crs is not None and src.transform != info.transform):
+            raise OutputError(f"{path.name}: written with a different CRS or transform than the input")
+        for _, window in src.block_windows(1):
+            src.read(window=window)
 
 
 class OutputError(TilepipeError, OSError):
