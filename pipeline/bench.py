@@ -8,8 +8,8 @@ One run measures, on one model and one tile setting:
   XLA's and NumPy's BLAS, before and after the model (the better sample counts; FLOPs
   counted analytically, :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch
   taken at once instead of tile by tile, and which library XLA gave the convolutions;
-* **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate)
-  in a child process, so the peak resident memory of its whole process tree is measured
+* **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate;
+  ``--scenes N``: a folder of N copies) in a child process, so the peak resident memory of its whole process tree is measured
   alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
   compiled forward pass swapped for one that thresholds band 1 (every batch still goes to
   the device and back; reading, stitching and writing are all that is left);
@@ -28,10 +28,12 @@ One run measures, on one model and one tile setting:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,7 @@ class BenchOptions:
     batch: int | str = 8
     precision: str = "auto"  # bfloat16 on accelerators, float32 on CPU
     threads: int | None = None  # dask threads of the end-to-end runs; None: the workflow default
+    scenes: int = 1  # copies of the scene the end-to-end runs go through (a night's folder, not one file)
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -301,10 +304,11 @@ def _no_model(predictor: Any) -> Any:
 
 
 def _child_e2e(workflow_json: str, model: bool = True) -> dict:
-    """Run one workflow in this process: warm the predictor, then time ``run_workflow``.
+    """Run one workflow in this process: warm the predictor and the readers, then time ``run_workflow``.
     Without ``model`` the predictor's forward pass is :func:`_no_model` (the host's ceiling)."""
     from pipeline.config import Workflow
-    from pipeline.infer import configure_jax, get_predictor
+    from pipeline.infer import configure_jax, get_predictor, resolve_readers
+    from pipeline.reading import start_readers
     from pipeline.runner import run_workflow
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import file_sha256, read_card
@@ -317,6 +321,8 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile()
+    readers = resolve_readers(wf.runtime.readers)
+    concurrent.futures.wait(start_readers(readers))  # started like the model
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
         predictor(np.zeros(predictor.input_shape, np.float32))
@@ -329,7 +335,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     if failed:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
-              "device": report.device, "model_busy_share": report.model_busy_share}
+              "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
@@ -428,6 +434,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         scene_dir = work / "scene"
         scene_dir.mkdir(exist_ok=True)
         scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands)
+        for i in range(2, opts.scenes + 1):
+            _link_or_copy(scene, scene_dir / f"scene-{i}.tif")
         inputs = _scene_batch(scene, spec, batch, ckpt.card)
 
         predictor = Predictor(ckpt, spec, batch, precision=precision)
@@ -477,8 +485,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         # End to end, in a child process whose tree's memory is sampled.
         e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads)
         e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
-        report["end_to_end"] = {"size": opts.size, "bands": cfg.in_bands, "threads": opts.threads,
-                                "seconds": e2e["seconds"],
+        report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
+                                "bands": cfg.in_bands, "threads": opts.threads,
+                                "readers": e2e["readers"], "seconds": e2e["seconds"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
                                 # a whole run is many batches, some slower: against the median batch too
@@ -488,7 +497,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 # behind it leaves this near 1 whatever the machine's speed did
                                 "model_busy_share": e2e["model_busy_share"]}
         report["end_to_end"]["paired"] = paired = _paired(e2e)
-        echo(f"end to end {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
+        echo(f"end to end {opts.scenes} x {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
              f"; {paired['ratio']:.2f} to model-only batches timed in its process just before and after it; "
              f"model busy {100 * report['end_to_end']['model_busy_share']:.1f}% of the run")
 
@@ -518,7 +527,7 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
     import rasterio
 
     from pipeline.io import Normaliser
-    from pipeline.tasks import read_tiles
+    from pipeline.reading import read_tiles
     from pipeline.windows import plan_tiles
 
     bands = range(1, card.unet.in_bands + 1)
@@ -578,6 +587,14 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
             "tile_by_tile_mpx_per_s": n * spec.tile**2 / tile_t / 1e6,
             "gflops": n * spec.read_size**2 * fpp / t / 1e9,
             "class_agreement_with_flax": float((codes == reference[:n]).mean())}
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """``dest`` as another name of ``source`` where the file system allows, else a copy."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
 
 
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
@@ -656,9 +673,10 @@ def format_table(report: dict[str, Any]) -> str:
                        f"{m['gflops']:.1f} GFLOP/s = {100 * m['fraction_of_matmul']:.0f}% of matmul"
                        + (f"; tile by tile (whole batch at once: {m['batched_mpx_per_s']:.3f} Mpx/s)"
                           if "batched_mpx_per_s" in m else "")),
-        ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['size']}^2 x {e['bands']} uint16, "
+        ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['scenes']} x {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
-                       f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"),
+                       f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"
+                       + (f", {e['readers']} reader processes" if e.get("readers") else "")),
         ("end to end, paired", f"ratio {e['paired']['ratio']:.2f} ({e['paired']['ratio_to_mean']:.2f} to their mean) "
                                f"to {len(e['paired']['before_s']) + len(e['paired']['after_s'])} model-only "
                                f"batches timed in the run's process just before and after it "
@@ -722,6 +740,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
                    help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--threads", type=int, help="dask threads of the end-to-end runs (default: the workflow's)")
+    p.add_argument("--scenes", type=int, default=1,
+                   help="end-to-end runs go through this many copies of the scene (default 1): a folder's "
+                        "throughput, with more batches in flight than one scene has")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -733,8 +754,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    common = dict(model=args.model, precision=args.precision, threads=args.threads, torch=args.torch,
-                  workdir=args.workdir)
+    common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
+                  torch=args.torch, workdir=args.workdir)
     if args.quick:
         return quick_options(**common)
     return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,

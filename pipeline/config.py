@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -124,6 +125,9 @@ class RuntimeSection(Section):
     """Persistent JAX compilation cache; null turns it off."""
     precision: Literal["float32", "bfloat16", "auto"] = "auto"
     """Compute dtype of the model: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+    readers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes each worker reads batches in, "
+                                                      "or auto (the default): none on CPU, one per core on GPU/TPU; "
+                                                      "0 reads in the worker's threads")
 
 
 class StateSection(Section):

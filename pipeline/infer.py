@@ -75,6 +75,14 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
+def resolve_readers(readers: int | str, backend: str | None = None) -> int:
+    """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
+    and one per core on accelerators, where reading in one process is (:mod:`pipeline.reading`)."""
+    if readers != "auto":
+        return int(readers)
+    return 0 if (backend or jax.default_backend()) == "cpu" else os.cpu_count() or 1
+
+
 def device_description() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})

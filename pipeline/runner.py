@@ -34,7 +34,7 @@ from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
 import pipeline
-from pipeline import outputs, tasks
+from pipeline import outputs, reading
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import resolve_batch
@@ -169,7 +169,7 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
-                     wf.runtime.precision, read_key)
+                     wf.runtime.precision, read_key, wf.runtime.readers)
             for group in tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
@@ -365,7 +365,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     def forget_chunks(file: FileJob) -> None:
         """Every worker frees its decoded chunks of ``file``: none of its tiles will be read again."""
         if file.jobs:
-            client.run(tasks.forget_chunks, file.jobs[0].read_key, wait=False)
+            client.run(reading.forget_chunks, file.jobs[0].read_key, wait=False)
 
     def fail(file: FileJob, reason: str) -> None:
         file.error = reason if reason.startswith(f"{file.info.path.name}: ") else f"{file.info.path.name}: {reason}"

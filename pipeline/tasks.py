@@ -9,17 +9,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Sequence
 
 import numpy as np
-import rasterio
-from rasterio import windows
-from rasterio.windows import Window
 
-from pipeline.chunks import ChunkCache, ChunkReader
-from pipeline.infer import configure_jax, device_description, get_predictor
-from pipeline.io import Normaliser, read_tile
-from pipeline.stitch import core_mask, place
+from pipeline.infer import (
+    configure_jax,
+    device_description,
+    get_predictor,
+    resolve_readers,
+)
+from pipeline.io import Normaliser
+from pipeline.reading import BatchInputs, read_elsewhere, read_tiles, reader_pool
+from pipeline.stitch import place
 from pipeline.windows import Tile, TileSpec
 
 
@@ -40,7 +41,9 @@ class BatchJob:
     compilation_cache: str | None
     precision: str = "auto"
     read_key: str | None = None
-    """Names this planned input's chunks in the worker's :data:`CHUNKS` (None: keep none)."""
+    """Names this planned input's chunks in the worker's chunk cache (None: keep none)."""
+    readers: int | str = 0
+    """Reader processes of the worker (``auto``: :func:`pipeline.infer.resolve_readers`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,45 +67,14 @@ class BatchResult:
     model_span: tuple[float, float]
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchInputs:
-    """One batch read and normalised: model inputs (n, bands, S, S) and each core's validity."""
-
-    x: np.ndarray
-    masks: tuple[np.ndarray, ...]
-
-
-CHUNKS = ChunkCache()
-"""Decoded chunks of inputs, shared by the threads of this worker process."""
-
-
-def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser,
-               read_size: int, key: str | None = None) -> BatchInputs:
-    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch; with
-    ``key``, through the worker's :data:`CHUNKS`, sized for batches like this one."""
-    x = np.empty((len(tiles), len(bands), read_size, read_size), np.float32)
-    masks = []
-    with rasterio.open(path) as src:
-        reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
-        if key is not None:
-            area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
-            CHUNKS.resize(reader.grid.budget(area, reader.pixel_bytes), key)
-        for i, tile in enumerate(tiles):
-            data, valid = read_tile(src, tile, list(bands), reader)
-            normaliser(data, valid, out=x[i])
-            masks.append(core_mask(valid, tile))
-    return BatchInputs(x, tuple(masks))
-
-
-async def forget_chunks(read_key: str) -> None:
-    """Free this worker's chunks of an input whose batches are all read: a coroutine, so that
-    ``Client.run`` can send it to every worker without waiting for their answers."""
-    CHUNKS.forget(read_key)
-
-
 def read_batch(job: BatchJob) -> BatchInputs:
-    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker."""
-    return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key)
+    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker; in one of the
+    worker's reader processes where ``job.readers`` asks for them."""
+    pool = reader_pool(resolve_readers(job.readers))
+    if pool is None:
+        return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key)
+    return read_elsewhere(pool, job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size,
+                          job.read_key)
 
 
 def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rasterio.windows import Window
 
-from pipeline import tasks
+from pipeline import reading
 from pipeline.chunks import (
     BAND_BUDGET,
     Chunk,
@@ -181,7 +181,7 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_kept():
 def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monkeypatch, layout, threads):
     """Every batch of a run, through the worker's cache sized by the batches: before the cache,
     each batch decoded its chunks again (strips once per batch along their band)."""
-    monkeypatch.setattr(tasks, "CHUNKS", ChunkCache())
+    monkeypatch.setattr(reading, "CHUNKS", ChunkCache())
     data = scene(1400, 1400, bands=2, seed=5)
     path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout]))
     spec = tile_spec(64, 16, 16)
@@ -189,12 +189,12 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
     norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
     key = uuid.uuid4().hex
     with ThreadPoolExecutor(threads) as pool:
-        cached = list(pool.map(lambda b: tasks.read_tiles(path, b, [1, 2], norm, spec.read_size, key), batches))
-    plain = [tasks.read_tiles(path, b, [1, 2], norm, spec.read_size) for b in batches]
+        cached = list(pool.map(lambda b: reading.read_tiles(path, b, [1, 2], norm, spec.read_size, key), batches))
+    plain = [reading.read_tiles(path, b, [1, 2], norm, spec.read_size) for b in batches]
     for a, b in zip(cached, plain):
         np.testing.assert_array_equal(a.x, b.x)
     with rasterio.open(path) as src:
         grid = ChunkReader.of(src, [1, 2]).grid
     chunks = -(-1400 // grid.rows) * -(-1400 // grid.cols)
-    assert tasks.CHUNKS.misses == chunks if threads == 1 else chunks <= tasks.CHUNKS.misses <= 1.1 * chunks
-    assert tasks.CHUNKS.hits > 4 * chunks
+    assert reading.CHUNKS.misses == chunks if threads == 1 else chunks <= reading.CHUNKS.misses <= 1.1 * chunks
+    assert reading.CHUNKS.hits > 4 * chunks

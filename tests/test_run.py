@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from conftest import scene, write_raster
 
-from pipeline import tasks
+from pipeline import reading
 from pipeline.chunks import ChunkCache
 from pipeline.cli import main
 from pipeline.outputs import stored_pixels
@@ -83,7 +83,7 @@ def test_a_mask_keeps_the_class_counts_its_tiles_were_written_with(tmp_path, mak
 
 def test_the_workers_free_an_inputs_decoded_chunks_once_its_tiles_are_read(tmp_path, make_workflow, monkeypatch):
     chunks = ChunkCache()
-    monkeypatch.setattr(tasks, "CHUNKS", chunks)  # the in-process workers' cache
+    monkeypatch.setattr(reading, "CHUNKS", chunks)  # the in-process workers' cache
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):

@@ -1,0 +1,127 @@
+"""Reading a batch of tiles: in the worker's own threads, or in reader processes beside it.
+
+A worker's threads share one cache of decoded chunks (:data:`CHUNKS`). On a CPU host that is
+enough: the model is the cost. On an accelerator the host is the cost, and one Python process
+reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
+GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
+each batch in a child process (with its own chunk cache) into a file in shared memory, which
+the worker copies into the batch. This module imports no JAX, so the children stay light.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Hashable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio import windows
+from rasterio.windows import Window
+
+from pipeline.chunks import ChunkCache, ChunkReader
+from pipeline.io import Normaliser, read_tile
+from pipeline.stitch import core_mask
+from pipeline.windows import Tile
+
+SHARED = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+"""Where reader processes leave a batch: memory (tmpfs) where the system has it."""
+
+CHUNKS = ChunkCache()
+"""Decoded chunks of inputs, shared by the threads of this process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInputs:
+    """One batch read and normalised: model inputs (n, bands, S, S) and each core's validity."""
+
+    x: np.ndarray
+    masks: tuple[np.ndarray, ...]
+
+
+def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser,
+               read_size: int, key: Hashable = None, out: np.ndarray | None = None) -> BatchInputs:
+    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch
+    (``out`` if given); with ``key``, through :data:`CHUNKS`, sized for batches like this one."""
+    x = np.empty((len(tiles), len(bands), read_size, read_size), np.float32) if out is None else out
+    masks = []
+    with rasterio.open(path) as src:
+        reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
+        if key is not None:
+            area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
+            CHUNKS.resize(reader.grid.budget(area, reader.pixel_bytes), key)
+        for i, tile in enumerate(tiles):
+            data, valid = read_tile(src, tile, list(bands), reader)
+            normaliser(data, valid, out=x[i])
+            masks.append(core_mask(valid, tile))
+    return BatchInputs(x, tuple(masks))
+
+
+async def forget_chunks(read_key: str) -> None:
+    """Free this worker's chunks of an input whose batches are all read: a coroutine, so that
+    ``Client.run`` can send it to every worker without waiting for their answers. (Reader
+    processes keep theirs until their cache's budget pushes them out.)"""
+    CHUNKS.forget(read_key)
+
+
+@functools.cache
+def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    """This process's pool of ``processes`` readers, started on first use; None for 0, or in a
+    daemonic process (a Dask worker process of a local cluster), which may not have children."""
+    if processes < 1 or multiprocessing.current_process().daemon:
+        return None
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+
+def start_readers(processes: int) -> list[concurrent.futures.Future[None]]:
+    """Start this process's ``processes`` readers now rather than at the first batch, so that
+    their start (importing GDAL, about 0.4 s each) overlaps the run's planning and the model's
+    compilation; done when the returned futures are."""
+    pool = reader_pool(processes)
+    return [] if pool is None else [pool.submit(_started) for _ in range(processes)]
+
+
+def _started() -> None:
+    """A reader's first task: nothing, once its imports are done."""
+
+
+def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
+                   bands: Sequence[int], normaliser: Normaliser, read_size: int,
+                   key: Hashable = None) -> BatchInputs:
+    """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
+    process's GIL. The batch passes through a file in :data:`SHARED`, removed before return."""
+    shape = (len(tiles), len(bands), read_size, read_size)
+    fd, name = tempfile.mkstemp(prefix=".tilepipe-batch-", dir=SHARED)
+    try:
+        size = math.prod(shape) * 4
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)  # a full tmpfs fails here, not with SIGBUS in the child
+        else:
+            os.ftruncate(fd, size)
+        try:
+            masks = pool.submit(_read_into, name, shape, path, tuple(tiles), tuple(bands), normaliser, read_size,
+                                key).result()
+        except BrokenProcessPool:
+            reader_pool.cache_clear()  # a reader died (killed, out of memory): the next batch starts new ones
+            raise
+        x = np.empty(shape, np.float32)
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            f.readinto(x.reshape(-1).view(np.uint8))
+        return BatchInputs(x, masks)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _read_into(name: str, shape: tuple[int, ...], path: str, tiles: tuple[Tile, ...], bands: tuple[int, ...],
+               normaliser: Normaliser, read_size: int, key: Hashable) -> tuple[np.ndarray, ...]:
+    """A reader process's task: the batch into the file ``name``, the core masks returned."""
+    out = np.memmap(name, np.float32, "r+", shape=shape)
+    return read_tiles(path, tiles, bands, normaliser, read_size, key, out=out).masks

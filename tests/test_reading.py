@@ -1,0 +1,99 @@
+"""Reading batches in reader processes: the same inputs as the worker's own threads read."""
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import scene, write_raster
+from test_run import run
+
+from pipeline import reading, tasks
+from pipeline.config import Workflow
+from pipeline.infer import resolve_readers
+from pipeline.io import Normaliser
+from pipeline.windows import tile_batches, tile_spec
+
+READERS = 2  # one pool for the whole module: each new size spawns its processes
+
+
+def leftovers():
+    return sorted(p.name for p in reading.SHARED.glob(".tilepipe-batch-*"))
+
+
+@pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, nodata, keyed):
+    data = scene(70, 90, dtype=dtype, seed=4)
+    if nodata is not None:
+        data[:, :9, :13] = nodata
+    if dtype == "float32":
+        data[1, 40, 50] = np.nan
+    path = str(write_raster(tmp_path / "in.tif", data, nodata=nodata, tiled=dtype != "int16"))
+    spec = tile_spec(32, 16, 4)  # tiles at every edge reflect context beyond the raster
+    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
+    key = uuid.uuid4().hex if keyed else None
+    pool = reading.reader_pool(READERS)
+    before = leftovers()
+    for tiles in tile_batches(90, 70, spec, 4):
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key)
+        here = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size)
+        np.testing.assert_array_equal(there.x, here.x)
+        assert len(there.masks) == len(tiles)
+        for a, b in zip(there.masks, here.masks):
+            np.testing.assert_array_equal(a, b)
+    assert leftovers() == before
+
+
+def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
+    good = write_raster(tmp_path / "good.tif", scene(40, 40))
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated: header fine, blocks gone
+    spec = tile_spec(32, 16, 4)
+    tiles = tile_batches(40, 40, spec, 4)[0]
+    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
+    pool = reading.reader_pool(READERS)
+    before = leftovers()
+    with pytest.raises(rasterio.errors.RasterioError):
+        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], norm, spec.read_size)
+    assert leftovers() == before
+    x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x
+    np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+
+
+def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch):
+    elsewhere = []
+    monkeypatch.setattr(tasks, "read_elsewhere", lambda *a: elsewhere.append(a[1]) or reading.read_elsewhere(*a))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        write_raster(inputs / f"s{i}.tif", scene(130, 150, seed=i), tiled=i == 0)
+    outputs = {}
+    for readers in (0, READERS):
+        out = tmp_path / f"out{readers}"
+        assert run(make_workflow(inputs, output={"dir": str(out)}, runtime={"readers": readers})) == 0
+        outputs[readers] = {}
+        for i in range(2):
+            with rasterio.open(out / f"s{i}.tif") as src:
+                outputs[readers][i] = src.read(1)
+    for i in range(2):
+        np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
+    assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
+    assert not leftovers()
+
+
+def test_readers_resolve_by_backend():
+    assert resolve_readers("auto", backend="cpu") == 0
+    assert resolve_readers("auto", backend="gpu") == os.cpu_count()
+    assert resolve_readers(3, backend="gpu") == 3
+    assert reading.reader_pool(0) is None
+
+
+@pytest.mark.parametrize("value", [-1, "many"])
+def test_a_bad_readers_setting_names_the_field(tmp_path, value):
+    data = {"name": "x", "input": {"dir": str(tmp_path)}, "output": {"dir": str(tmp_path / "o")},
+            "model": {"checkpoint": str(tmp_path / "m.safetensors")}, "bands": [1, 2, 3, 4],
+            "runtime": {"readers": value}}
+    with pytest.raises(ValueError, match="runtime.readers"):
+        Workflow.model_validate(data)
