@@ -13,10 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import math
 import multiprocessing
 import os
 import tempfile
+import threading
 from collections.abc import Hashable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -30,6 +32,8 @@ from pipeline.chunks import ChunkCache, ChunkReader
 from pipeline.io import Normaliser, read_tile
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile
+
+LOG = logging.getLogger(__name__)
 
 SHARED = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 """Where reader processes leave a batch: memory (tmpfs) where the system has it."""
@@ -71,13 +75,30 @@ async def forget_chunks(read_key: str) -> None:
     CHUNKS.forget(read_key)
 
 
-@functools.cache
+_POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
 def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    """This process's pool of ``processes`` readers, started on first use; None for 0, or in a
-    daemonic process (a Dask worker process of a local cluster), which may not have children."""
+    """This process's pool of ``processes`` readers (its processes start with its first
+    batches); None for 0, or in a daemonic process (a Dask worker process of a local
+    cluster), which may not have children."""
     if processes < 1 or multiprocessing.current_process().daemon:
         return None
-    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    with _POOLS_LOCK:  # the worker's threads ask at once when a run starts: one pool for all
+        pool = _POOLS.get(processes)
+        if pool is None:
+            pool = _POOLS[processes] = concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn"))
+        return pool
+
+
+def _drop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Forget a broken pool (a reader was killed, or ran out of memory): the next batch starts new readers."""
+    with _POOLS_LOCK:
+        for processes, known in list(_POOLS.items()):
+            if known is pool:
+                del _POOLS[processes]
 
 
 def start_readers(processes: int) -> list[concurrent.futures.Future[None]]:
@@ -96,20 +117,25 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
                    bands: Sequence[int], normaliser: Normaliser, read_size: int,
                    key: Hashable = None) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
-    process's GIL. The batch passes through a file in :data:`SHARED`, removed before return."""
+    process's GIL. The batch passes through a file in :data:`SHARED`, removed before return;
+    where that has no room for it (a container's 64 MB ``/dev/shm``), the batch is read here."""
     shape = (len(tiles), len(bands), read_size, read_size)
-    fd, name = tempfile.mkstemp(prefix=".tilepipe-batch-", dir=SHARED)
     try:
-        size = math.prod(shape) * 4
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)  # a full tmpfs fails here, not with SIGBUS in the child
-        else:
-            os.ftruncate(fd, size)
+        fd, name = tempfile.mkstemp(prefix=".tilepipe-batch-", dir=SHARED)
+    except OSError as exc:
+        _no_room(str(SHARED), exc.strerror)
+        return read_tiles(path, tiles, bands, normaliser, read_size, key)
+    try:
+        try:
+            _reserve(fd, math.prod(shape) * 4)
+        except OSError as exc:
+            _no_room(str(SHARED), exc.strerror)
+            return read_tiles(path, tiles, bands, normaliser, read_size, key)
         try:
             masks = pool.submit(_read_into, name, shape, path, tuple(tiles), tuple(bands), normaliser, read_size,
                                 key).result()
         except BrokenProcessPool:
-            reader_pool.cache_clear()  # a reader died (killed, out of memory): the next batch starts new ones
+            _drop_pool(pool)
             raise
         x = np.empty(shape, np.float32)
         with open(fd, "rb", buffering=0, closefd=False) as f:
@@ -118,6 +144,22 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
     finally:
         os.close(fd)
         os.unlink(name)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes of storage now: a full tmpfs fails here, rather than with
+    SIGBUS in the reader that writes into it."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:
+        os.ftruncate(fd, size)
+
+
+@functools.cache
+def _no_room(directory: str, reason: str) -> None:
+    """Say once per process that batches are read in the worker's threads, and why."""
+    LOG.warning("no room for a batch in %s (%s): reading batches in this process instead of its readers",
+                directory, reason)
 
 
 def _read_into(name: str, shape: tuple[int, ...], path: str, tiles: tuple[Tile, ...], bands: tuple[int, ...],

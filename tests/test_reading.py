@@ -1,5 +1,7 @@
 """Reading batches in reader processes: the same inputs as the worker's own threads read."""
 
+import errno
+import logging
 import os
 import uuid
 
@@ -60,6 +62,24 @@ def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
     assert leftovers() == before
     x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x
     np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+
+
+def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path, monkeypatch, caplog):
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reading, "_reserve", full)  # a container's small /dev/shm
+    reading._no_room.cache_clear()
+    path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
+    spec = tile_spec(32, 16, 4)
+    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
+    before = leftovers()
+    with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
+        for tiles in tile_batches(40, 40, spec, 2):
+            x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
+            np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+    assert leftovers() == before
+    assert len([r for r in caplog.records if "no room for a batch" in r.getMessage()]) == 1  # 2 batches, said once
 
 
 def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch):
