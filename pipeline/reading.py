@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -37,6 +38,9 @@ LOG = logging.getLogger(__name__)
 
 SHARED = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 """Where reader processes leave a batch: memory (tmpfs) where the system has it."""
+
+PARENT_POLL = 0.5
+"""Seconds between a reader's looks at whether its worker still lives."""
 
 CHUNKS = ChunkCache()
 """Decoded chunks of inputs, shared by the threads of this process."""
@@ -83,13 +87,16 @@ def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None
     """This process's pool of ``processes`` readers (its processes start with its first
     batches); None for 0, or in a daemonic process (a Dask worker process of a local
     cluster), which may not have children."""
-    if processes < 1 or multiprocessing.current_process().daemon:
+    if processes < 1:
         return None
     with _POOLS_LOCK:  # the worker's threads ask at once when a run starts: one pool for all
+        if multiprocessing.current_process().daemon:
+            _no_children()
+            return None
         pool = _POOLS.get(processes)
         if pool is None:
             pool = _POOLS[processes] = concurrent.futures.ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn"))
+                processes, mp_context=multiprocessing.get_context("spawn"), initializer=_watch, initargs=(os.getpid(),))
         return pool
 
 
@@ -99,6 +106,18 @@ def _drop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
         for processes, known in list(_POOLS.items()):
             if known is pool:
                 del _POOLS[processes]
+
+
+def _watch(parent: int) -> None:
+    """A reader's start: end this process when ``parent`` is gone (a worker killed, by the
+    out-of-memory killer say, does not shut its pool down, and idle readers would wait forever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tilepipe-reader-parent", daemon=True).start()
 
 
 def start_readers(processes: int) -> list[concurrent.futures.Future[None]]:
@@ -153,6 +172,13 @@ def _reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     else:
         os.ftruncate(fd, size)
+
+
+@functools.cache
+def _no_children() -> None:
+    """Say once per process that a daemonic worker reads in its threads, and how to change that."""
+    LOG.warning("this Dask worker is a daemonic process, which cannot start reader processes: batches are read "
+                "in its threads (start its nanny with DASK_DISTRIBUTED__WORKER__DAEMON=False to allow them)")
 
 
 @functools.cache

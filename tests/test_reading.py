@@ -3,9 +3,13 @@
 import errno
 import logging
 import os
+import subprocess
+import sys
+import time
 import uuid
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
 from conftest import scene, write_raster
@@ -101,6 +105,30 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
     assert not leftovers()
+
+
+def test_readers_end_when_their_worker_is_killed(tmp_path):
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import concurrent.futures, os, sys\n"
+        "from pipeline import reading\n"
+        "concurrent.futures.wait(reading.start_readers(2))\n"
+        "print(*[p.pid for p in reading.reader_pool(2)._processes.values()], flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    readers = [int(pid) for pid in worker.stdout.readline().split()]
+    assert len(readers) == 2 and all(alive(pid) for pid in readers)
+    worker.kill()  # no atexit, no pool shutdown: as the out-of-memory killer would
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in readers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in readers)
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has ended, reaped or not
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_readers_resolve_by_backend():
