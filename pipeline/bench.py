@@ -28,7 +28,6 @@ One run measures, on one model and one tile setting:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -322,7 +321,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile()
     readers = resolve_readers(wf.runtime.readers)
-    concurrent.futures.wait(start_readers(readers))  # started like the model
+    start_readers(readers)  # started before the run, like the model
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
         predictor(np.zeros(predictor.input_shape, np.float32))

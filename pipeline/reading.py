@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -109,8 +110,10 @@ def _drop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 
 def _watch(parent: int) -> None:
-    """A reader's start: end this process when ``parent`` is gone (a worker killed, by the
-    out-of-memory killer say, does not shut its pool down, and idle readers would wait forever)."""
+    """A reader's start: leave Ctrl-C to the worker (which stops the run and its readers), and
+    end this process when ``parent`` is gone (a worker killed, by the out-of-memory killer say,
+    does not shut its pool down, and idle readers would wait forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -120,16 +123,19 @@ def _watch(parent: int) -> None:
     threading.Thread(target=watch, name="tilepipe-reader-parent", daemon=True).start()
 
 
-def start_readers(processes: int) -> list[concurrent.futures.Future[None]]:
-    """Start this process's ``processes`` readers now rather than at the first batch, so that
-    their start (importing GDAL, about 0.4 s each) overlaps the run's planning and the model's
-    compilation; done when the returned futures are."""
+def start_readers(processes: int) -> None:
+    """Start this process's ``processes`` readers now rather than with the first batches
+    (importing GDAL takes each about 0.4 s), and return once every one has."""
     pool = reader_pool(processes)
-    return [] if pool is None else [pool.submit(_started) for _ in range(processes)]
+    started: set[int] = set()
+    while pool is not None and len(started) < processes:  # a reader that is up may answer for one still starting
+        started.update(pool.map(_started, range(processes)))
 
 
-def _started() -> None:
-    """A reader's first task: nothing, once its imports are done."""
+def _started(_: int) -> int:
+    """A reader's answer that it is up: its process id, after long enough for the others to answer too."""
+    time.sleep(0.01)
+    return os.getpid()
 
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],

@@ -3,6 +3,7 @@
 import errno
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,21 +108,30 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
     assert not leftovers()
 
 
-def test_readers_end_when_their_worker_is_killed(tmp_path):
+@pytest.mark.parametrize("how", ["killed", "interrupted"])
+def test_readers_end_with_their_worker(tmp_path, how):
+    """Killed (no atexit, no pool shutdown: as the out-of-memory killer would), or Ctrl-C in a
+    terminal, which reaches every process of the group: the readers leave it to the worker."""
     worker = subprocess.Popen([sys.executable, "-c", (
-        "import concurrent.futures, os, sys\n"
+        "import sys\n"
         "from pipeline import reading\n"
-        "concurrent.futures.wait(reading.start_readers(2))\n"
+        "reading.start_readers(2)\n"
         "print(*[p.pid for p in reading.reader_pool(2)._processes.values()], flush=True)\n"
-        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        "try:\n    sys.stdin.read()\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     readers = [int(pid) for pid in worker.stdout.readline().split()]
     assert len(readers) == 2 and all(alive(pid) for pid in readers)
-    worker.kill()  # no atexit, no pool shutdown: as the out-of-memory killer would
-    worker.wait()
+    if how == "killed":
+        worker.kill()
+    else:
+        os.killpg(worker.pid, signal.SIGINT)
+    err = worker.communicate(timeout=30)[1]
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in readers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in readers)
+    if how == "interrupted":
+        assert worker.returncode == 130 and "Traceback" not in err, err
 
 
 def alive(pid):
