@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import psutil
@@ -67,6 +68,25 @@ def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
     assert leftovers() == before
     x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x
     np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+
+
+def test_a_killed_reader_fails_its_batch_and_the_next_batch_gets_new_readers(tmp_path):
+    path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
+    spec = tile_spec(32, 16, 4)
+    tiles = tile_batches(40, 40, spec, 4)[0]
+    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
+    reading.start_readers(3)  # a pool of its own, not the module's
+    pool = reading.reader_pool(3)
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGKILL)  # as the out-of-memory killer would
+    before = leftovers()
+    with pytest.raises(BrokenProcessPool):
+        reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size)
+    assert leftovers() == before
+    fresh = reading.reader_pool(3)
+    assert fresh is not pool
+    x = reading.read_elsewhere(fresh, path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
+    np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x)
 
 
 def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path, monkeypatch, caplog):
