@@ -62,6 +62,7 @@ class BenchOptions:
     precision: str = "auto"  # bfloat16 on accelerators, float32 on CPU
     threads: int | None = None  # dask threads of the end-to-end runs; None: the workflow default
     scenes: int = 1  # copies of the scene the end-to-end runs go through (a night's folder, not one file)
+    readers: int | str = "auto"  # runtime.readers of the end-to-end runs
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -238,9 +239,10 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
-                   cache: Path, precision: str, threads: int | None = None) -> dict[str, Any]:
+                   cache: Path, precision: str, threads: int | None = None,
+                   readers: int | str = "auto") -> dict[str, Any]:
     """The workflow an end-to-end measurement runs, as plain data (``threads``: dask threads;
-    the runner keeps twice as many batches in flight)."""
+    the runner keeps twice as many batches in flight; ``readers``: ``runtime.readers``)."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
@@ -249,7 +251,7 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
             "output": {"dir": str(out_dir), "run_products": False}, "model": {"checkpoint": str(checkpoint)},
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
-            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision)},
+            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision), "readers": readers},
             **({"dask": {"threads": threads}} if threads else {})}
 
 
@@ -482,7 +484,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                           "measured": len(tiles) * spec.read_size**2 / opts.size**2}
 
         # End to end, in a child process whose tree's memory is sampled.
-        e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads)
+        e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision, opts)
         e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
         report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
                                 "bands": cfg.in_bands, "threads": opts.threads,
@@ -502,7 +504,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
         # The host's ceiling: the same run with the model's cost taken out goes as fast as
         # reading, stitching and writing can here. End to end cannot beat it on any device.
-        host = _run_e2e(work, "host", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads,
+        host = _run_e2e(work, "host", scene_dir, checkpoint, spec, batch, cache, precision, opts,
                         model=False)
         host_mpx = host["pixels"] / host["seconds"] / 1e6
         report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
@@ -597,9 +599,9 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
-             precision: str, threads: int | None, model: bool = True) -> dict[str, Any]:
+             precision: str, opts: BenchOptions, model: bool = True) -> dict[str, Any]:
     wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
-                        threads)
+                        opts.threads, opts.readers)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
     result, peak, wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
@@ -627,7 +629,7 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
         scene_dir = work / f"memory-{size}"
         scene_dir.mkdir(exist_ok=True)
         write_scene(scene_dir / "scene.tif", size, arch[2], seed=1)
-        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts.threads)
+        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts)
         results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20, "seconds": run["seconds"],
                           "mpx_per_s": run["pixels"] / run["seconds"] / 1e6}
         (scene_dir / "scene.tif").unlink()
@@ -726,6 +728,15 @@ def batch_size(text: str) -> int | str:
     return int(text)
 
 
+def reader_count(text: str) -> int | str:
+    """A --readers value (argparse type): a count of reader processes, 0 included, or auto."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("--readers is a number of processes (0: none) or auto")
+    return int(text)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``tilepipe`` sub-command parsers."""
     p = subparsers.add_parser("bench", help="measure model and end-to-end throughput on this machine")
@@ -742,6 +753,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=1,
                    help="end-to-end runs go through this many copies of the scene (default 1): a folder's "
                         "throughput, with more batches in flight than one scene has")
+    p.add_argument("--readers", type=reader_count, default="auto",
+                   help="reader processes of the end-to-end runs (runtime.readers; default auto: none on CPU, "
+                        "one per core on GPU/TPU)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -754,7 +768,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
-                  torch=args.torch, workdir=args.workdir)
+                  readers=args.readers, torch=args.torch, workdir=args.workdir)
     if args.quick:
         return quick_options(**common)
     return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,

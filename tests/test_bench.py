@@ -11,7 +11,8 @@ from pipeline import bench
 
 def test_quick_bench_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--scenes", "2", "--json", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    args = ["--quick", "--scenes", "2", "--readers", "2", "--json", str(out), "--workdir", str(tmp_path / "work")]
+    assert bench.main(args) == 0
     report = json.loads(out.read_text())
     for key in bench.SCHEMA_KEYS:
         assert key in report, key
@@ -30,6 +31,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert model["batched_class_agreement"] >= 0.999
     assert report["model"]["cpu_convolutions"] == "eigen"
     assert e2e["scenes"] == 2 and e2e["pixels"] == 2 * 512**2  # two copies of the scene, both written
+    assert e2e["readers"] == 2  # read in reader processes, as on an accelerator
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
     assert e2e["peak_rss_mb"] > 50
     assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
@@ -64,7 +66,8 @@ def test_bench_parser_defaults():
     opts = bench.options_from_args(ns)
     assert (opts.size, opts.tile, opts.halo, opts.batch, opts.arch) == (4096, 256, 64, 8, (4, 32, 4, 8))
     assert opts.memory_sizes == (2048, 8192)
-    assert opts.precision == "auto" and opts.threads is None and opts.scenes == 1
+    assert opts.precision == "auto" and opts.threads is None and opts.scenes == 1 and opts.readers == "auto"
+    assert bench.options_from_args(parser.parse_args(["bench", "--readers", "0"])).readers == 0
     assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--quick"])).quick
