@@ -322,7 +322,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile()
-    readers = resolve_readers(wf.runtime.readers)
+    readers = resolve_readers(wf.runtime.readers, wf.dask.threads)  # as the local cluster's one worker will
     start_readers(readers)  # started before the run, like the model
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
@@ -755,7 +755,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "throughput, with more batches in flight than one scene has")
     p.add_argument("--readers", type=reader_count, default="auto",
                    help="reader processes of the end-to-end runs (runtime.readers; default auto: none on CPU, "
-                        "one per core on GPU/TPU)")
+                        "one per core up to --threads on GPU/TPU)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")

@@ -75,12 +75,15 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def resolve_readers(readers: int | str, backend: str | None = None) -> int:
+def resolve_readers(readers: int | str, threads: int | None = None, backend: str | None = None) -> int:
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
-    and one per core on accelerators, where reading in one process is (:mod:`pipeline.reading`)."""
+    and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
+    up to the worker's ``threads`` (each thread waits for its own batch's read: more readers would idle)."""
     if readers != "auto":
         return int(readers)
-    return 0 if (backend or jax.default_backend()) == "cpu" else os.cpu_count() or 1
+    if (backend or jax.default_backend()) == "cpu":
+        return 0
+    return min(os.cpu_count() or 1, threads or os.cpu_count() or 1)
 
 
 def device_description() -> str:

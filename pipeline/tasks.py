@@ -11,6 +11,7 @@ import os
 import socket
 
 import numpy as np
+from distributed import get_worker
 
 from pipeline.infer import (
     configure_jax,
@@ -70,11 +71,19 @@ class BatchResult:
 def read_batch(job: BatchJob) -> BatchInputs:
     """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker; in one of the
     worker's reader processes where ``job.readers`` asks for them."""
-    pool = reader_pool(resolve_readers(job.readers))
+    pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     if pool is None:
         return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key)
     return read_elsewhere(pool, job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size,
                           job.read_key)
+
+
+def _worker_threads() -> int | None:
+    """Threads of the Dask worker running this task (None outside one)."""
+    try:
+        return get_worker().state.nthreads
+    except ValueError:
+        return None
 
 
 def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:

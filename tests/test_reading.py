@@ -164,7 +164,9 @@ def alive(pid):
 def test_readers_resolve_by_backend():
     assert resolve_readers("auto", backend="cpu") == 0
     assert resolve_readers("auto", backend="gpu") == os.cpu_count()
-    assert resolve_readers(3, backend="gpu") == 3
+    assert resolve_readers("auto", threads=1, backend="gpu") == 1  # one read at a time per thread
+    assert resolve_readers("auto", threads=10**6, backend="gpu") == os.cpu_count()
+    assert resolve_readers(3, threads=1, backend="gpu") == 3
     assert reading.reader_pool(0) is None
 
 
