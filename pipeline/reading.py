@@ -5,7 +5,7 @@ enough: the model is the cost. On an accelerator the host is the cost, and one P
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
 each batch in a child process (with its own chunk cache) into a file in shared memory, which
-the worker copies into the batch. This module imports no JAX, so the children stay light.
+the worker maps as the batch. This module imports no JAX, so the children stay light.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
                    bands: Sequence[int], normaliser: Normaliser, read_size: int,
                    key: Hashable = None) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
-    process's GIL. The batch passes through a file in :data:`SHARED`, removed before return;
+    process's GIL. The batch passes through a file in :data:`SHARED`, which this process maps
+(no copy) and unlinks before return;
     where that has no room for it (a container's 64 MB ``/dev/shm``), the batch is read here."""
     shape = (len(tiles), len(bands), read_size, read_size)
     try:
@@ -162,10 +163,8 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
         except BrokenProcessPool:
             _drop_pool(pool)
             raise
-        x = np.empty(shape, np.float32)
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            f.readinto(x.reshape(-1).view(np.uint8))
-        return BatchInputs(x, masks)
+        # The reader's pages, mapped rather than copied: the mapping outlives the file's name.
+        return BatchInputs(np.memmap(name, np.float32, "r", shape=shape).view(np.ndarray), masks)
     finally:
         os.close(fd)
         os.unlink(name)
