@@ -9,8 +9,8 @@ One run measures, on one model and one tile setting:
   counted analytically, :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch
   taken at once instead of tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate;
-  ``--scenes N``: a folder of N copies) in a child process, so the peak resident memory of its whole process tree is measured
-  alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
+  ``--scenes N``: a folder of N copies) in a child process, so the peak resident memory of its
+  whole process tree is measured alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
   compiled forward pass swapped for one that thresholds band 1 (every batch still goes to
   the device and back; reading, stitching and writing are all that is left);
 * **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
@@ -251,7 +251,8 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
             "output": {"dir": str(out_dir), "run_products": False}, "model": {"checkpoint": str(checkpoint)},
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
-            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision), "readers": readers},
+            "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision),
+                        "readers": readers},
             **({"dask": {"threads": threads}} if threads else {})}
 
 
