@@ -414,7 +414,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                         if device is None:
                             device = result.device
                             ctx.log.note(f"model {model.card.name} on {device}")
-                        bar.update(len(result.tiles))
+                        bar.update(result.tiles)
                         if file.remaining == 0:
                             forget_chunks(file)
                             finishing[cogs.submit(publish, file)] = file

@@ -56,14 +56,13 @@ class MaskSink:
 
     def write(self, result: BatchResult) -> None:
         try:
-            for tile_result in result.tiles:
-                window = tile_result.tile.core
-                self.datasets["classes"].write(tile_result.classes, 1, window=window)
-                self.pixels += np.bincount(tile_result.classes.ravel(), minlength=256)
+            for block in result.blocks:
+                self.datasets["classes"].write(block.classes, 1, window=block.window)
                 if "confidence" in self.datasets:
-                    self.datasets["confidence"].write(tile_result.confidence, 1, window=window)
+                    self.datasets["confidence"].write(block.confidence, 1, window=block.window)
                 if "probabilities" in self.datasets:
-                    self.datasets["probabilities"].write(tile_result.probabilities, window=window)
+                    self.datasets["probabilities"].write(block.probabilities, window=block.window)
+            self.pixels += result.pixels
         except Exception as exc:
             raise explain_write_failure(exc, list(self.paths.values())) from exc
 

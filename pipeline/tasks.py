@@ -7,11 +7,13 @@ process's compiled predictor, and sends back the small uint8 core windows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 
 import numpy as np
 from distributed import get_worker
+from rasterio.windows import Window
 
 from pipeline.infer import (
     configure_jax,
@@ -22,7 +24,7 @@ from pipeline.infer import (
 from pipeline.io import Normaliser
 from pipeline.reading import BatchInputs, read_elsewhere, read_tiles, reader_pool
 from pipeline.stitch import place
-from pipeline.windows import Tile, TileSpec
+from pipeline.windows import Tile, TileSpec, core_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +50,11 @@ class BatchJob:
 
 
 @dataclasses.dataclass(frozen=True)
-class TileResult:
-    """The written part of one tile: class codes, optional confidence and per-class
-    probabilities (bands first), nodata applied."""
+class BlockResult:
+    """The written part of a rectangle of a batch's tile cores: class codes, optional
+    confidence and per-class probabilities (bands first), nodata applied."""
 
-    tile: Tile
+    window: Window
     classes: np.ndarray
     confidence: np.ndarray | None = None
     probabilities: np.ndarray | None = None
@@ -60,9 +62,12 @@ class TileResult:
 
 @dataclasses.dataclass(frozen=True)
 class BatchResult:
-    """A batch's tiles, and where and when (``perf_counter`` of ``worker``) the model ran it."""
+    """A batch's cores as rectangles, how many pixels of each class code (nodata included)
+    they hold, and where and when (``perf_counter`` of ``worker``) the model ran it."""
 
-    tiles: tuple[TileResult, ...]
+    blocks: tuple[BlockResult, ...]
+    tiles: int
+    pixels: np.ndarray
     device: str
     worker: str
     model_span: tuple[float, float]
@@ -92,16 +97,16 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
     predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
                               job.precision, confidence=job.with_confidence)
     prediction = predictor(inputs.x)
-    results = []
-    for i, tile in enumerate(job.tiles):
-        mask = inputs.masks[i]
-        classes = place(prediction.classes[i], mask, tile)
-        confidence = place(prediction.confidence[i], mask, tile) if job.with_confidence else None
-        probabilities = None
-        if job.with_probabilities:
-            probabilities = np.stack([place(p, mask, tile) for p in np.moveaxis(prediction.probabilities[i], -1, 0)])
-        results.append(TileResult(tile, classes, confidence, probabilities))
-    return BatchResult(tuple(results), device_description(), f"{socket.gethostname()}/{os.getpid()}", prediction.span)
+    probabilities = None if prediction.probabilities is None else np.moveaxis(prediction.probabilities, -1, 1)
+    blocks = []
+    for window, members in core_blocks(job.tiles):
+        placed = functools.partial(place, window, job.tiles, members, masks=inputs.masks)
+        blocks.append(BlockResult(window, placed(prediction.classes),
+                                  placed(prediction.confidence) if job.with_confidence else None,
+                                  placed(probabilities) if job.with_probabilities else None))
+    pixels = sum(np.bincount(b.classes.ravel(), minlength=256) for b in blocks)
+    return BatchResult(tuple(blocks), len(job.tiles), pixels, device_description(),
+                       f"{socket.gethostname()}/{os.getpid()}", prediction.span)
 
 
 def predict_batch(job: BatchJob) -> BatchResult:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from rasterio.windows import Window
@@ -96,6 +96,35 @@ def tile_batches(width: int, height: int, spec: TileSpec, batch: int, striped: b
     compact block of the grid where the raster allows; row by row for a ``striped`` raster,
     whose every read decodes whole rows anyway, so that a batch spans as few of them as it can."""
     return batches(plan_tiles(width, height, spec, 1 if striped else batch_band_rows(batch)), batch)
+
+
+def core_blocks(tiles: Sequence[Tile]) -> list[tuple[Window, tuple[int, ...]]]:
+    """The cores of ``tiles`` joined into as few rectangles as rows of the grid allow, each
+    with the indices of the tiles that exactly cover it: a batch is written a rectangle at a
+    time rather than a tile at a time (one block of 64 tiles is one write, not 64)."""
+    strips: dict[tuple[int, int], list[list[int]]] = {}  # a tile row's runs of adjacent cores
+    for i in sorted(range(len(tiles)), key=lambda i: (tiles[i].core.row_off, tiles[i].core.col_off)):
+        core = tiles[i].core
+        runs = strips.setdefault((core.row_off, core.height), [])
+        last = tiles[runs[-1][-1]].core if runs else None
+        if last is not None and last.col_off + last.width == core.col_off:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    blocks: list[tuple[Window, list[int]]] = []
+    open_below: dict[tuple[int, int, int], int] = {}  # (col, width, bottom row) -> a block a run may extend
+    for (row, height), runs in sorted(strips.items()):
+        for run in runs:
+            col, width = tiles[run[0]].core.col_off, sum(tiles[i].core.width for i in run)
+            k = open_below.pop((col, width, row), None)
+            if k is None:
+                k = len(blocks)
+                blocks.append((Window(col, row, width, height), run))
+            else:
+                above, members = blocks[k]
+                blocks[k] = (Window(col, above.row_off, width, above.height + height), members + run)
+            open_below[(col, width, row + height)] = k
+    return [(window, tuple(members)) for window, members in blocks]
 
 
 def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:

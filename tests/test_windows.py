@@ -3,8 +3,18 @@
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from rasterio.windows import Window
 
-from pipeline.windows import batch_band_rows, batches, plan_tiles, reflect_indices, source_span, tile_batches, tile_spec
+from pipeline.windows import (
+    batch_band_rows,
+    batches,
+    core_blocks,
+    plan_tiles,
+    reflect_indices,
+    source_span,
+    tile_batches,
+    tile_spec,
+)
 
 sizes = st.integers(min_value=1, max_value=300)
 specs = st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 12), st.integers(0, 6)).map(
@@ -93,3 +103,45 @@ def test_batches_hold_every_tile_once_and_only_the_last_is_short(width, height, 
     assert all(len(g) == batch for g in groups[:-1]) and 1 <= len(groups[-1]) <= batch
     got = sorted((t.core.row_off, t.core.col_off) for g in groups for t in g)
     assert got == sorted((t.core.row_off, t.core.col_off) for t in plan_tiles(width, height, spec))
+
+
+@given(width=sizes, height=sizes, spec=specs, batch=st.integers(1, 70), striped=st.booleans())
+def test_a_batchs_blocks_are_exactly_its_cores(width, height, spec, batch, striped):
+    for group in tile_batches(width, height, spec, batch, striped):
+        blocks = assert_exact_blocks(group, width, height)
+        assert len(blocks) <= 4  # partial columns at either end, and a band's end: a few writes, not one per tile
+
+
+@given(width=sizes, height=sizes, spec=specs, data=st.data())
+def test_any_set_of_tiles_is_joined_only_where_its_cores_touch(width, height, spec, data):
+    tiles = plan_tiles(width, height, spec)
+    group = data.draw(st.lists(st.sampled_from(tiles), min_size=1, max_size=len(tiles), unique=True))
+    assert_exact_blocks(group, width, height)
+
+
+def assert_exact_blocks(group, width, height):
+    """Every tile in one block, every block exactly covered by its tiles' cores, no overlap."""
+    blocks = core_blocks(group)
+    assert sorted(i for _, members in blocks for i in members) == list(range(len(group)))
+    cover = np.zeros((height, width), np.int32)
+    for window, members in blocks:
+        inside = np.zeros((window.height, window.width), np.int32)
+        for i in members:
+            c = group[i].core
+            top, left = c.row_off - window.row_off, c.col_off - window.col_off
+            assert top >= 0 and left >= 0 and top + c.height <= window.height and left + c.width <= window.width
+            inside[top : top + c.height, left : left + c.width] += 1
+        assert (inside == 1).all()
+        rows, cols = window.toslices()
+        cover[rows, cols] += 1
+    assert cover.max() == 1
+    return blocks
+
+
+def test_a_batch_that_is_a_block_of_the_grid_is_one_rectangle():
+    spec = tile_spec(16, 4, 4)
+    groups = tile_batches(16 * 16 - 5, 16 * 6, spec, 8)  # the last column of tiles is 11 pixels wide
+    assert [core_blocks(g)[0][0] for g in groups[:2]] == [Window(0, 0, 64, 32), Window(64, 0, 64, 32)]
+    [(window, members)] = core_blocks(groups[3])
+    assert window == Window(192, 0, 59, 32) and sorted(members) == list(range(8))
+    assert all(len(core_blocks(g)) == 1 for g in groups)
