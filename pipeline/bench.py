@@ -84,7 +84,8 @@ def quick_options(**overrides: Any) -> BenchOptions:
 
 def make_checkpoint(path: Path, arch: tuple[int, int, int, int], seed: int = 0) -> Path:
     """A randomly initialised U-Net of ``arch`` with a full model card."""
-    from unet_flax.checkpoint import ClassInfo, ModelCard, save_checkpoint
+    from unet_flax.card import ClassInfo, ModelCard
+    from unet_flax.checkpoint import save_checkpoint
     from unet_flax.model import UNetConfig, create_unet
 
     depth, width, bands, classes = arch

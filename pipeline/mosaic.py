@@ -28,7 +28,7 @@ from pipeline.outputs import (
     vrt_text,
 )
 from pipeline.stitch import NODATA
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
 
 
 @dataclasses.dataclass(frozen=True)

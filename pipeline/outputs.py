@@ -39,7 +39,7 @@ from pipeline.overviews import (
     paired,
 )
 from pipeline.stitch import NODATA
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
 
 BLOCK = 256
 QUICKLOOK_SIZE = 512

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.mosaic import write_mosaics
 from pipeline.outputs import MaskFiles, write_quicklook
 from pipeline.stac import write_stac
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
 
 
 def write_run_products(outdir: Path, masks: list[Path], card: ModelCard, run_id: str) -> list[Path]:

@@ -47,7 +47,8 @@ from pipeline.report import FileRecord, RunReport, busy_seconds
 from pipeline.sink import MaskSink, clean_partials, one_line
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, tile_batches, tile_spec
-from unet_flax.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
+from unet_flax.card import ModelCard
+from unet_flax.checkpoint import CheckpointError, file_sha256, read_card
 
 FINALIZERS = 2  # threads writing finished files' COGs while inference goes on
 

@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,8 +21,10 @@ from pipeline.errors import TilepipeError
 from pipeline.io import RasterInfo
 from pipeline.outputs import temporary_name
 from pipeline.stitch import NODATA
-from pipeline.tasks import BatchResult
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
+
+if TYPE_CHECKING:  # the finishers import this module, and no JAX
+    from pipeline.tasks import BatchResult
 
 
 class MaskSink:

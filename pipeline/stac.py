@@ -30,7 +30,7 @@ from pipeline.outputs import (
     stored_pixels,
 )
 from pipeline.stitch import NODATA
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
 
 XML_MEDIA_TYPE = "application/xml"
 

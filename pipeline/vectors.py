@@ -15,7 +15,7 @@ from shapely.geometry import mapping, shape
 
 from pipeline.outputs import Stage, open_raster, provenance_of, within
 from pipeline.stitch import NODATA
-from unet_flax.checkpoint import ModelCard
+from unet_flax.card import ModelCard
 
 POLYGON_LAYER = "classes"
 

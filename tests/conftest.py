@@ -11,7 +11,8 @@ import yaml
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from unet_flax.checkpoint import ClassInfo, ModelCard, save_checkpoint
+from unet_flax.card import ClassInfo, ModelCard
+from unet_flax.checkpoint import save_checkpoint
 from unet_flax.model import UNetConfig, create_unet
 
 CRSS = {

@@ -24,7 +24,7 @@ from pipeline.outputs import (
     stored_pixels,
     write_quicklook,
 )
-from unet_flax.checkpoint import ClassInfo, ModelCard
+from unet_flax.card import ClassInfo, ModelCard
 from unet_flax.model import UNetConfig
 
 # Codes with gaps, so category names need empty entries; a name that needs XML escaping.

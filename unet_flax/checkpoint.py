@@ -21,79 +21,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from unet_flax.model import UNet, UNetConfig, create_unet
+from unet_flax.card import ModelCard
+from unet_flax.model import UNet, create_unet
 
 FORMAT = "tilepipe-unet/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with the reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassInfo:
-    """One output class: the code written to masks, a name and a colour (#rrggbb)."""
-
-    code: int
-    name: str
-    color: str
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.code <= 254:
-            raise ValueError(f"class code {self.code} of {self.name!r} must be in 0..254 (255 is nodata)")
-        if len(self.color) != 7 or not self.color.startswith("#"):
-            raise ValueError(f"class colour {self.color!r} of {self.name!r} must look like #rrggbb")
-
-    @property
-    def rgb(self) -> tuple[int, int, int]:
-        return tuple(int(self.color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelCard:
-    """Everything needed to use a checkpoint besides its weights.
-
-    ``mean``/``std`` are per-band statistics of the training inputs, in the units the
-    model was trained on; inference computes ``(raw * scale + offset - mean) / std``.
-    """
-
-    name: str
-    unet: UNetConfig
-    band_names: tuple[str, ...]
-    classes: tuple[ClassInfo, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    training: dict[str, Any] = dataclasses.field(default_factory=dict)
-    versions: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = self.unet.in_bands
-        for field in ("band_names", "mean", "std"):
-            if len(getattr(self, field)) != n:
-                raise ValueError(f"ModelCard.{field} has {len(getattr(self, field))} entries, the U-Net takes {n} bands")
-        if len(self.classes) != self.unet.num_classes:
-            raise ValueError(f"ModelCard.classes has {len(self.classes)} entries, the U-Net predicts {self.unet.num_classes}")
-        if len({c.code for c in self.classes}) != len(self.classes):
-            raise ValueError("ModelCard.classes has duplicate codes")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("ModelCard.std must be positive")
-
-    @property
-    def codes(self) -> np.ndarray:
-        """Class code of each model output index, as uint8."""
-        return np.array([c.code for c in self.classes], dtype=np.uint8)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelCard:
-        data = dict(data)
-        data["unet"] = UNetConfig(**data["unet"])
-        data["classes"] = tuple(ClassInfo(**c) for c in data["classes"])
-        for key in ("band_names", "mean", "std"):
-            data[key] = tuple(data[key])
-        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,49 +20,11 @@ compile, the same function.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """Architecture of one U-Net; stored in every checkpoint."""
-
-    in_bands: int
-    num_classes: int
-    depth: int = 4
-    base_width: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("in_bands", "num_classes", "depth", "base_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Feature widths of the encoder levels and the bottleneck."""
-        return tuple(self.base_width * 2**level for level in range(self.depth + 1))
-
-    @property
-    def factor(self) -> int:
-        """Total down-sampling: tile origins and sizes must be multiples of it."""
-        return 2**self.depth
-
-    @property
-    def receptive_radius(self) -> int:
-        """An upper bound, in pixels, on how far an output pixel looks into the input.
-
-        Each 3x3 conv at scale s adds s; each pool/up-sample pair at scale s adds at most s.
-        Tests check this bound against the network's measured gradient support.
-        """
-        radius = 0
-        for level in range(self.depth):
-            scale = 2**level
-            radius += 2 * scale + 2 * scale + 2 * scale  # encoder convs, decoder convs, pool/up-sample
-        return radius + 2 * self.factor  # bottleneck convs
+from unet_flax.card import UNetConfig
 
 
 def flops_per_pixel(config: UNetConfig) -> int:

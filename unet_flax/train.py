@@ -26,7 +26,8 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from pipeline.errors import WorkflowError
-from unet_flax.checkpoint import ClassInfo, ModelCard, library_versions, save_checkpoint
+from unet_flax.card import ClassInfo, ModelCard
+from unet_flax.checkpoint import library_versions, save_checkpoint
 from unet_flax.data import (
     PatchSampler,
     Scene,
