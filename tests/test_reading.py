@@ -135,9 +135,11 @@ def test_readers_end_with_their_worker(tmp_path, how):
     worker = subprocess.Popen([sys.executable, "-c", (
         "import sys\n"
         "from pipeline import reading\n"
-        "reading.start_readers(2)\n"
-        "print(*[p.pid for p in reading.reader_pool(2)._processes.values()], flush=True)\n"
-        "try:\n    sys.stdin.read()\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")],
+        "try:\n"
+        "    reading.start_readers(2)\n"
+        "    print(*[p.pid for p in reading.reader_pool(2)._processes.values()], flush=True)\n"
+        "    sys.stdin.read()\n"
+        "except KeyboardInterrupt:\n    sys.exit(130)\n")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     readers = [int(pid) for pid in worker.stdout.readline().split()]
     assert len(readers) == 2 and all(alive(pid) for pid in readers)
