@@ -15,12 +15,9 @@ import dataclasses
 import functools
 import logging
 import math
-import multiprocessing
 import os
-import signal
 import tempfile
 import threading
-import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -30,6 +27,7 @@ import rasterio
 from rasterio import windows
 from rasterio.windows import Window
 
+from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader
 from pipeline.io import Normaliser, read_tile
 from pipeline.stitch import core_mask
@@ -39,9 +37,6 @@ LOG = logging.getLogger(__name__)
 
 SHARED = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 """Where reader processes leave a batch: memory (tmpfs) where the system has it."""
-
-PARENT_POLL = 0.5
-"""Seconds between a reader's looks at whether its worker still lives."""
 
 CHUNKS = ChunkCache()
 """Decoded chunks of inputs, shared by the threads of this process."""
@@ -85,19 +80,18 @@ _POOLS_LOCK = threading.Lock()
 
 
 def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    """This process's pool of ``processes`` readers (its processes start with its first
-    batches); None for 0, or in a daemonic process (a Dask worker process of a local
-    cluster), which may not have children."""
+    """This process's pool of ``processes`` readers (:func:`pipeline.children.spawn_pool`);
+    None for 0, or in a daemonic process, which may not have children."""
     if processes < 1:
         return None
     with _POOLS_LOCK:  # the worker's threads ask at once when a run starts: one pool for all
-        if multiprocessing.current_process().daemon:
-            _no_children()
-            return None
         pool = _POOLS.get(processes)
         if pool is None:
-            pool = _POOLS[processes] = concurrent.futures.ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn"), initializer=_watch, initargs=(os.getpid(),))
+            pool = children.spawn_pool(processes)
+            if pool is None:
+                _no_children()
+                return None
+            _POOLS[processes] = pool
         return pool
 
 
@@ -109,33 +103,12 @@ def _drop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
                 del _POOLS[processes]
 
 
-def _watch(parent: int) -> None:
-    """A reader's start: leave Ctrl-C to the worker (which stops the run and its readers), and
-    end this process when ``parent`` is gone (a worker killed, by the out-of-memory killer say,
-    does not shut its pool down, and idle readers would wait forever)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="tilepipe-reader-parent", daemon=True).start()
-
-
 def start_readers(processes: int) -> None:
-    """Start this process's ``processes`` readers now rather than with the first batches
-    (importing GDAL takes each about 0.4 s), and return once every one has."""
+    """Start this process's ``processes`` readers now rather than with the first batches,
+    and return once every one has."""
     pool = reader_pool(processes)
-    started: set[int] = set()
-    while pool is not None and len(started) < processes:  # a reader that is up may answer for one still starting
-        started.update(pool.map(_started, range(processes)))
-
-
-def _started(_: int) -> int:
-    """A reader's answer that it is up: its process id, after long enough for the others to answer too."""
-    time.sleep(0.01)
-    return os.getpid()
+    if pool is not None:
+        children.start(pool, processes, __name__)
 
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],

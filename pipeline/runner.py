@@ -3,8 +3,9 @@
 The driver plans tiles, submits a bounded number of batches (memory is set by the tiles in
 flight, never by the raster's size), and writes each finished batch into its file's
 temporary GeoTIFF as it arrives. A file becomes a finished output only when all its tiles
-are written; its Cloud-Optimized GeoTIFF is then written on a background thread while the
-workers go on with the next file. A failure of one file fails that file alone.
+are written; its Cloud-Optimized GeoTIFF is then written in a finisher process
+(:mod:`pipeline.sink`) while the workers go on with the next file. A failure of one file
+fails that file alone.
 
 A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
 left, skips inputs whose content, result-changing settings and model are unchanged since a
@@ -44,13 +45,11 @@ from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
 from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport, busy_seconds
-from pipeline.sink import MaskSink, clean_partials, one_line
+from pipeline.sink import FINISHERS, MaskSink, clean_partials, one_line, start_finishers
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, tile_batches, tile_spec
 from unet_flax.card import ModelCard
 from unet_flax.checkpoint import CheckpointError, file_sha256, read_card
-
-FINALIZERS = 2  # threads writing finished files' COGs while inference goes on
 
 
 def discover_inputs(directory: InputPath, pattern: str) -> list[InputPath]:
@@ -336,7 +335,7 @@ def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool,
 def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bool) -> str | None:
     """Submit batches with a bounded number in flight and write results as they arrive.
 
-    A finished file's COG is written on a background thread (at most :data:`FINALIZERS`, and
+    A finished file's COG is written by a finisher (at most :data:`~pipeline.sink.FINISHERS`, and
     twice as many finished files waiting) while this loop keeps the workers fed; its outcome
     is recorded here, on the thread that owns the ledger.
     """
@@ -360,7 +359,8 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 return
 
     def publish(file: FileJob) -> Path:
-        """The file's COGs, on a finalizer thread: its checksum may still be computed."""
+        """The file's COGs, from a thread that waits for a finisher (and for the file's checksum,
+        which may still be computed)."""
         return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
 
     def forget_chunks(file: FileJob) -> None:
@@ -399,7 +399,8 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
 
     for _ in range(in_flight):
         submit_next()
-    cogs = concurrent.futures.ThreadPoolExecutor(FINALIZERS, thread_name_prefix="tilepipe-cog")
+    cogs = concurrent.futures.ThreadPoolExecutor(FINISHERS, thread_name_prefix="tilepipe-cog")
+    cogs.submit(start_finishers)  # while the first batches run
     try:
         with bar:
             for future in completed:
@@ -422,7 +423,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         fail(file, one_line(exc))
                 submit_next()
-                collect(wait=len(finishing) > 2 * FINALIZERS)
+                collect(wait=len(finishing) > 2 * FINISHERS)
             while finishing:
                 collect(wait=True)
     finally:  # on an interrupt: COGs not started are dropped, the one being written ends first
