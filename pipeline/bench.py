@@ -307,12 +307,16 @@ def _no_model(predictor: Any) -> Any:
 
 
 def _child_e2e(workflow_json: str, model: bool = True) -> dict:
-    """Run one workflow in this process: warm the predictor and the readers, then time ``run_workflow``.
-    Without ``model`` the predictor's forward pass is :func:`_no_model` (the host's ceiling)."""
+    """Run one workflow in this process: warm the predictor, the readers and the finishers, then
+    time ``run_workflow``. Without ``model`` the predictor's forward pass is
+    :func:`_no_model` (the host's ceiling)."""
+    import jax
+
     from pipeline.config import Workflow
     from pipeline.infer import configure_jax, get_predictor, resolve_readers
     from pipeline.reading import start_readers
     from pipeline.runner import run_workflow
+    from pipeline.sink import resolve_finishers, start_finishers
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import file_sha256, read_card
 
@@ -326,6 +330,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     predictor.compile()
     readers = resolve_readers(wf.runtime.readers, wf.dask.threads)  # as the local cluster's one worker will
     start_readers(readers)  # started before the run, like the model
+    start_finishers(resolve_finishers(wf.runtime.finishers, jax.default_backend()))  # as the run will at its first batch
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
         predictor(np.zeros(predictor.input_shape, np.float32))

@@ -10,6 +10,7 @@ would wait forever.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import importlib
 import multiprocessing
@@ -22,13 +23,37 @@ PARENT_POLL = 0.5
 """Seconds between a child's looks at whether its parent still lives."""
 
 
-def spawn_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    """A pool of ``processes`` children, which start with its first tasks; None in a daemonic
-    process (a Dask worker process of a local cluster, say), which may not have children."""
-    if multiprocessing.current_process().daemon:
-        return None
-    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_watch, initargs=(os.getpid(),))
+_POOLS: dict[tuple[str, int], concurrent.futures.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool(name: str, processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    """This process's pool ``name`` of ``processes`` children, one for every thread that
+    asks (its children start with its first tasks); None in a daemonic process (a Dask worker
+    process of a local cluster, say), which may not have children."""
+    with _POOLS_LOCK:
+        known = _POOLS.get((name, processes))
+        if known is None and not multiprocessing.current_process().daemon:
+            known = _POOLS[(name, processes)] = concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn"), initializer=_watch,
+                initargs=(os.getpid(),))
+        return known
+
+
+@atexit.register
+def _forget_pools() -> None:
+    """Let the pools go while the interpreter still has its modules: a pool collected during
+    their teardown fails in its own clean-up (``'NoneType' object has no attribute 'util'``)."""
+    with _POOLS_LOCK:
+        _POOLS.clear()
+
+
+def drop(broken: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Forget a broken pool (a child was killed, or ran out of memory): the next ask starts a new one."""
+    with _POOLS_LOCK:
+        for key, known in list(_POOLS.items()):
+            if known is broken:
+                del _POOLS[key]
 
 
 def start(pool: concurrent.futures.ProcessPoolExecutor, processes: int, module: str) -> set[int]:

@@ -129,6 +129,10 @@ class RuntimeSection(Section):
                                                       "or auto (the default): none on CPU, one per core up to the "
                                                       "worker's threads on GPU/TPU; "
                                                       "0 reads in the worker's threads")
+    finishers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes the driver publishes "
+                                                        "finished files in, or auto (the default): none when the "
+                                                        "workers run on CPU, 2 on GPU/TPU; 0 publishes in the "
+                                                        "driver's threads")
 
 
 class StateSection(Section):

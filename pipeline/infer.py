@@ -92,6 +92,11 @@ def device_description() -> str:
     return f"{jax.default_backend()} ({len(devices)} x {', '.join(kinds)})"
 
 
+def backend_of(description: str) -> str:
+    """The backend (cpu, gpu, tpu) named by a :func:`device_description`."""
+    return description.split(" ", 1)[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """Class codes, and the confidence and probabilities (0-100) asked for, of the core of

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import tempfile
-import threading
 from collections.abc import Hashable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -75,32 +74,15 @@ async def forget_chunks(read_key: str) -> None:
     CHUNKS.forget(read_key)
 
 
-_POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
 def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    """This process's pool of ``processes`` readers (:func:`pipeline.children.spawn_pool`);
-    None for 0, or in a daemonic process, which may not have children."""
+    """This process's pool of ``processes`` readers (:func:`pipeline.children.pool`); None
+    for 0, or in a daemonic process, which may not have children."""
     if processes < 1:
         return None
-    with _POOLS_LOCK:  # the worker's threads ask at once when a run starts: one pool for all
-        pool = _POOLS.get(processes)
-        if pool is None:
-            pool = children.spawn_pool(processes)
-            if pool is None:
-                _no_children()
-                return None
-            _POOLS[processes] = pool
-        return pool
-
-
-def _drop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Forget a broken pool (a reader was killed, or ran out of memory): the next batch starts new readers."""
-    with _POOLS_LOCK:
-        for processes, known in list(_POOLS.items()):
-            if known is pool:
-                del _POOLS[processes]
+    pool = children.pool("readers", processes)
+    if pool is None:
+        _no_children()
+    return pool
 
 
 def start_readers(processes: int) -> None:
@@ -134,7 +116,7 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
             masks = pool.submit(_read_into, name, shape, path, tuple(tiles), tuple(bands), normaliser, read_size,
                                 key).result()
         except BrokenProcessPool:
-            _drop_pool(pool)
+            children.drop(pool)
             raise
         # The reader's pages, mapped rather than copied: the mapping outlives the file's name.
         return BatchInputs(np.memmap(name, np.float32, "r", shape=shape).view(np.ndarray), masks)

@@ -3,8 +3,9 @@
 The driver plans tiles, submits a bounded number of batches (memory is set by the tiles in
 flight, never by the raster's size), and writes each finished batch into its file's
 temporary GeoTIFF as it arrives. A file becomes a finished output only when all its tiles
-are written; its Cloud-Optimized GeoTIFF is then written in a finisher process
-(:mod:`pipeline.sink`) while the workers go on with the next file. A failure of one file
+are written; its Cloud-Optimized GeoTIFF is then written on a background thread, or in a
+finisher process where the workers run on an accelerator (:mod:`pipeline.sink`), while the
+workers go on with the next file. A failure of one file
 fails that file alone.
 
 A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
@@ -38,14 +39,21 @@ import pipeline
 from pipeline import outputs, reading
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
-from pipeline.infer import resolve_batch
+from pipeline.infer import backend_of, resolve_batch
 from pipeline.io import GdalPath, InputPath, Normaliser, RasterInfo, inspect_raster
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
 from pipeline.products import write_run_products
 from pipeline.report import FileRecord, RunReport, busy_seconds
-from pipeline.sink import FINISHERS, MaskSink, clean_partials, one_line, start_finishers
+from pipeline.sink import (
+    FINISHERS,
+    MaskSink,
+    clean_partials,
+    one_line,
+    resolve_finishers,
+    start_finishers,
+)
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
 from pipeline.windows import TileSpec, tile_batches, tile_spec
 from unet_flax.card import ModelCard
@@ -335,9 +343,10 @@ def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool,
 def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bool) -> str | None:
     """Submit batches with a bounded number in flight and write results as they arrive.
 
-    A finished file's COG is written by a finisher (at most :data:`~pipeline.sink.FINISHERS`, and
-    twice as many finished files waiting) while this loop keeps the workers fed; its outcome
-    is recorded here, on the thread that owns the ledger.
+    A finished file's COG is written from a publishing thread (at most
+    :data:`~pipeline.sink.FINISHERS` at once, or ``runtime.finishers`` if more, and twice as
+    many finished files waiting), in a finisher process on accelerators, while this loop keeps
+    the workers fed; its outcome is recorded here, on the thread that owns the ledger.
     """
     wf, model = ctx.wf, ctx.model
     queue = iter([(f, job) for f in files for job in f.jobs])
@@ -359,9 +368,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 return
 
     def publish(file: FileJob) -> Path:
-        """The file's COGs, from a thread that waits for a finisher (and for the file's checksum,
-        which may still be computed)."""
-        return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id))
+        """The file's COGs, on a publishing thread (which waits for a finisher where there are
+        any, and for the file's checksum, which may still be computed)."""
+        return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id), finishers)
 
     def forget_chunks(file: FileJob) -> None:
         """Every worker frees its decoded chunks of ``file``: none of its tiles will be read again."""
@@ -399,8 +408,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
 
     for _ in range(in_flight):
         submit_next()
-    cogs = concurrent.futures.ThreadPoolExecutor(FINISHERS, thread_name_prefix="tilepipe-cog")
-    cogs.submit(start_finishers)  # while the first batches run
+    finishers = 0  # finisher processes: decided by the workers' device, known from the first result
+    publishing = max(FINISHERS, 0 if wf.runtime.finishers == "auto" else wf.runtime.finishers)
+    cogs = concurrent.futures.ThreadPoolExecutor(publishing, thread_name_prefix="tilepipe-cog")
     try:
         with bar:
             for future in completed:
@@ -416,6 +426,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                         if device is None:
                             device = result.device
                             ctx.log.note(f"model {model.card.name} on {device}")
+                            finishers = resolve_finishers(wf.runtime.finishers, backend_of(device))
+                            if finishers:
+                                cogs.submit(start_finishers, finishers)  # before the first file is done
                         bar.update(result.tiles)
                         if file.remaining == 0:
                             forget_chunks(file)
@@ -423,7 +436,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                     except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                         fail(file, one_line(exc))
                 submit_next()
-                collect(wait=len(finishing) > 2 * FINISHERS)
+                collect(wait=len(finishing) > 2 * publishing)
             while finishing:
                 collect(wait=True)
     finally:  # on an interrupt: COGs not started are dropped, the one being written ends first

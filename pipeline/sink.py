@@ -1,10 +1,11 @@
 """The writer side of one output: temporary GeoTIFFs filled a batch at a time, then verified
 COGs published atomically (companions first, the mask last).
 
-Publishing (the COG, its overviews, reading every block back) runs in a finisher process
-where the driver may have children: in the driver it queued for the GIL that the run's
+Where the workers run on an accelerator, publishing (the COG, its overviews, reading every
+block back) runs in a finisher process: in the driver it queued for the GIL that the run's
 threads share (a 4096² mask's publication took 28-30 s instead of 2 s beside four Python
-threads on a 2-core machine).
+threads on a 2-core machine). On CPU the model is the cost, publishing on a thread hides
+behind it, and finishers would only take cores and memory (``runtime.finishers``).
 
 A killed run leaves only hidden ``.*.<pid>.partial*`` names, which :func:`clean_partials`
 removes on the next run while it holds the workflow's lock.
@@ -17,7 +18,6 @@ import dataclasses
 import re
 import resource
 import shutil
-import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the finishers import this module, and no JAX
     from pipeline.tasks import BatchResult
 
 FINISHERS = 2
-"""Files published at once, each in a finisher process, while inference goes on."""
+"""Files published at once while inference goes on: finisher processes on accelerators
+(:func:`resolve_finishers`), threads of the driver on CPU."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,25 +103,26 @@ class MaskSink:
         for path in self.paths.values():
             path.unlink(missing_ok=True)
 
-    def finalize(self, card: ModelCard, provenance: dict[str, str]) -> Path:
-        """Publish the finished outputs (:func:`publish`), in a finisher where this process may
-        have children, and remove the temporaries."""
+    def finalize(self, card: ModelCard, provenance: dict[str, str], finishers: int = 0) -> Path:
+        """Publish the finished outputs (:func:`publish`): in one of ``finishers`` finisher
+        processes where there are any and this process may have children, else here; then
+        remove the temporaries."""
         try:
             self.close()
             done = Temporaries(self.info, self.dest, self.section, self.paths, self.bands, self.pixels)
-            pool = finisher_pool()
+            pool = finisher_pool(finishers)
             if pool is None:
                 return publish(done, card, provenance)
             try:
                 try:
                     future = pool.submit(_publish_here, done, card, provenance)
                 except BrokenProcessPool:  # finishers that died idle: new ones publish this file
-                    _drop_finishers(pool)
-                    pool = finisher_pool()
+                    children.drop(pool)
+                    pool = finisher_pool(finishers)
                     future = pool.submit(_publish_here, done, card, provenance)
                 return future.result()
             except BrokenProcessPool:  # killed while publishing: its partials go with the next run
-                _drop_finishers(pool)
+                children.drop(pool)
                 raise
         finally:
             self.discard()
@@ -174,37 +176,29 @@ def _publish_here(done: Temporaries, card: ModelCard, provenance: dict[str, str]
         raise OutputError(one_line(exc)) from None
 
 
-_FINISHERS: list[concurrent.futures.ProcessPoolExecutor] = []
-_FINISHERS_LOCK = threading.Lock()
+def resolve_finishers(finishers: int | str, backend: str) -> int:
+    """Finisher processes: a count as given; ``auto`` is none where the workers run on CPU
+    (the model is the cost there, and publishing on a thread hides behind it) and
+    :data:`FINISHERS` on accelerators, where the driver's GIL is the cost."""
+    if finishers != "auto":
+        return int(finishers)
+    return 0 if backend == "cpu" else FINISHERS
 
 
-def finisher_pool() -> concurrent.futures.ProcessPoolExecutor | None:
-    """This process's :data:`FINISHERS` finishers; None in a daemonic process, which
+def finisher_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    """This process's ``processes`` finishers; None for 0, or in a daemonic process, which
     publishes in its own threads."""
-    with _FINISHERS_LOCK:
-        if not _FINISHERS:
-            pool = children.spawn_pool(FINISHERS)
-            if pool is None:
-                return None
-            _FINISHERS.append(pool)
-        return _FINISHERS[0]
+    return children.pool("finishers", processes) if processes > 0 else None
 
 
-def start_finishers() -> None:
-    """Start the finishers now, so that the first file's publication does not wait for them."""
-    pool = finisher_pool()
+def start_finishers(processes: int) -> None:
+    """Start ``processes`` finishers now, so that the first file's publication does not wait for them."""
+    pool = finisher_pool(processes)
     if pool is not None:
         try:
-            children.start(pool, FINISHERS, __name__)
+            children.start(pool, processes, __name__)
         except BrokenProcessPool:  # the first file starts new ones
-            _drop_finishers(pool)
-
-
-def _drop_finishers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Forget a broken pool (a finisher was killed): the next file starts new finishers."""
-    with _FINISHERS_LOCK:
-        if pool in _FINISHERS:
-            _FINISHERS.remove(pool)
+            children.drop(pool)
 
 
 def verify_raster(path: Path, info: RasterInfo, count: int) -> None:

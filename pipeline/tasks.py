@@ -1,7 +1,8 @@
 """The unit of work a Dask worker runs: read a batch of tiles, predict, keep the cores.
 
 A task carries paths and windows only; the worker opens the input itself and reuses its
-process's compiled predictor, and sends back the small uint8 core windows.
+process's compiled predictor, and sends back the small uint8 cores, joined into the
+rectangles the driver writes (:func:`pipeline.windows.core_blocks`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ def test_relative_paths_are_relative_to_the_workflow_file(tmp_path, monkeypatch)
     ({"bands": []}, "bands"),
     ({"normalise": {"scale": [1.0, 2.0, 3.0]}}, "normalise.scale"),
     ({"surprise": 1}, "surprise: unknown field"),
+    *(({"runtime": {field: value}}, f"runtime.{field}") for field in ("readers", "finishers")
+      for value in (-1, "many", 1.5)),
 ])
 def test_bad_fields_are_reported_by_name(tmp_path, change, field):
     with pytest.raises(WorkflowError, match=field.replace(".", r"\.")):

@@ -1,5 +1,6 @@
-"""Publishing in finisher processes: the driver's GIL stays with the run, and a finisher's
-death costs at most the files it was publishing."""
+"""Publishing a finished file: on the driver's threads on CPU, in finisher processes on
+accelerators (or as ``runtime.finishers`` says), where a finisher's death costs at most the
+files it was publishing."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import rasterio
 from conftest import scene, write_raster
 from rasterio.windows import Window
@@ -17,8 +19,10 @@ from pipeline import children, sink
 from pipeline.cli import main
 from pipeline.config import OutputSection
 from pipeline.io import inspect_raster
-from pipeline.sink import MaskSink
+from pipeline.sink import MaskSink, resolve_finishers
 from pipeline.tasks import BatchResult, BlockResult
+
+FINISHERS = {"finishers": 2}
 
 
 def run(workflow, *extra):
@@ -33,15 +37,71 @@ def inputs_of(tmp_path, *names, size=300):
     return folder
 
 
-def test_finishers_that_died_idle_are_replaced_and_every_file_is_published(tmp_path, make_workflow):
-    pool = sink.finisher_pool()
-    for pid in children.start(pool, sink.FINISHERS, sink.__name__):
+def kill_idle_finishers(processes=2):
+    pool = sink.finisher_pool(processes)
+    for pid in children.start(pool, processes, sink.__name__):
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
+    return pool
 
-    assert run(make_workflow(inputs_of(tmp_path, "a", "b"))) == 0
 
-    assert sink.finisher_pool() is not pool
+class PartialWatch:
+    """Process ids in the names of the partial files that appear in ``out`` while it runs;
+    with ``kill``, SIGKILL the first process other than this one that writes one."""
+
+    def __init__(self, out, kill=False):
+        self.out, self.kill = out, kill
+        self.stage, self.killed = set(), []  # pids of publication partials (x.tif's, not the sink's temporaries)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch)
+
+    def watch(self):
+        while not self.stop.is_set() and not self.killed:
+            for partial in self.out.glob(".*.partial*"):
+                found = re.search(r"\.(\d+)\.partial(.*)$", partial.name)
+                if found and not found.group(2).startswith("-"):
+                    pid = int(found.group(1))
+                    self.stage.add(pid)
+                    if self.kill and pid != os.getpid():
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
+                        break
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.mark.parametrize("setting, backend, expected", [
+    ("auto", "cpu", 0), ("auto", "gpu", sink.FINISHERS), ("auto", "tpu", sink.FINISHERS),
+    (0, "gpu", 0), (3, "cpu", 3)])
+def test_finishers_are_processes_on_accelerators_unless_the_workflow_says_otherwise(setting, backend, expected):
+    assert resolve_finishers(setting, backend) == expected
+
+
+@pytest.mark.parametrize("runtime, in_driver", [({}, True), (FINISHERS, False)])
+def test_a_file_is_published_where_the_setting_says(tmp_path, make_workflow, runtime, in_driver):
+    out = tmp_path / "out"
+    with PartialWatch(out) as watch:
+        assert run(make_workflow(inputs_of(tmp_path, "big", size=1024), tiling={"tile": 128, "batch": 8},
+                                 runtime=runtime)) == 0
+    assert watch.stage, "the publication's partial files were seen"
+    assert (watch.stage == {os.getpid()}) is in_driver
+    with rasterio.open(out / "big.tif") as mask:
+        assert mask.read(1).shape == (1024, 1064)
+
+
+def test_finishers_that_died_idle_are_replaced_and_every_file_is_published(tmp_path, make_workflow):
+    pool = kill_idle_finishers()
+
+    assert run(make_workflow(inputs_of(tmp_path, "a", "b"), runtime=FINISHERS)) == 0
+
+    assert sink.finisher_pool(2) is not pool
     for name in ("a", "b"):
         with rasterio.open(tmp_path / "out" / f"{name}.tif") as out:
             assert out.read(1).shape == (300, 340)
@@ -55,44 +115,24 @@ def test_a_sink_publishes_through_new_finishers_when_the_old_ones_died_idle(tmp_
     classes = np.full((64, 80), 3, np.uint8)
     mask.write(BatchResult((BlockResult(Window(0, 0, 80, 64), classes),), 1,
                            np.bincount(classes.ravel(), minlength=256), "cpu", "here", (0.0, 0.0)))
-    pool = sink.finisher_pool()
-    for pid in children.start(pool, sink.FINISHERS, sink.__name__):  # after the run started them, before its first file is done
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    pool = kill_idle_finishers()  # after the run started them, before its first file is done
 
-    assert mask.finalize(CARD, PROVENANCE) == dest
+    assert mask.finalize(CARD, PROVENANCE, finishers=2) == dest
 
-    assert sink.finisher_pool() is not pool
+    assert sink.finisher_pool(2) is not pool
     with rasterio.open(dest) as out:
         assert (out.read(1) == 3).all()
 
 
 def test_a_finisher_killed_while_publishing_fails_that_file_and_the_next_run_publishes_it(
         tmp_path, make_workflow, capsys):
-    workflow = make_workflow(inputs_of(tmp_path, "big", size=1024), tiling={"tile": 128, "batch": 8})
+    workflow = make_workflow(inputs_of(tmp_path, "big", size=1024), tiling={"tile": 128, "batch": 8},
+                             runtime=FINISHERS)
     out = tmp_path / "out"
-    killed = []
-    stop = threading.Event()
-
-    def kill_the_publisher() -> None:  # a partial named by another process than this one is a finisher's
-        while not stop.is_set() and not killed:
-            for partial in out.glob(".*.partial*"):
-                pid = int(re.search(r"\.(\d+)\.partial", partial.name).group(1))
-                if pid != os.getpid():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    break
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=kill_the_publisher)
-    watcher.start()
-    try:
+    with PartialWatch(out, kill=True) as watch:
         assert run(workflow) == 1
-    finally:
-        stop.set()
-        watcher.join()
 
-    assert killed
+    assert watch.killed
     error = [line for line in capsys.readouterr().err.splitlines() if "big.tif" in line and "BrokenProcessPool" in line]
     assert error, "the failure is reported by name"
     assert not (out / "big.tif").exists()
@@ -112,4 +152,4 @@ def test_a_daemonic_process_publishes_in_its_own_threads():
 
 
 def _has_finishers() -> bool:
-    return sink.finisher_pool() is not None
+    return sink.finisher_pool(2) is not None

@@ -18,7 +18,6 @@ from conftest import scene, write_raster
 from test_run import run
 
 from pipeline import reading, tasks
-from pipeline.config import Workflow
 from pipeline.infer import resolve_readers
 from pipeline.io import Normaliser
 from pipeline.windows import tile_batches, tile_spec
@@ -170,12 +169,3 @@ def test_readers_resolve_by_backend():
     assert resolve_readers("auto", threads=10**6, backend="gpu") == os.cpu_count()
     assert resolve_readers(3, threads=1, backend="gpu") == 3
     assert reading.reader_pool(0) is None
-
-
-@pytest.mark.parametrize("value", [-1, "many"])
-def test_a_bad_readers_setting_names_the_field(tmp_path, value):
-    data = {"name": "x", "input": {"dir": str(tmp_path)}, "output": {"dir": str(tmp_path / "o")},
-            "model": {"checkpoint": str(tmp_path / "m.safetensors")}, "bands": [1, 2, 3, 4],
-            "runtime": {"readers": value}}
-    with pytest.raises(ValueError, match="runtime.readers"):
-        Workflow.model_validate(data)
