@@ -10,9 +10,10 @@ One run measures, on one model and one tile setting:
   taken at once instead of tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate;
   ``--scenes N``: a folder of N copies) in a child process, so the peak resident memory of its
-  whole process tree is measured alone; the ratio end-to-end / model-only; and the host's ceiling, the same run with the
-  compiled forward pass swapped for one that thresholds band 1 (every batch still goes to
-  the device and back; reading, stitching and writing are all that is left);
+  whole process tree is measured alone; the ratio end-to-end / model-only; and the host's
+  ceiling, the same run with the compiled forward pass swapped for one that thresholds band 1
+  (every batch still goes to the device and back; reading, stitching and writing are all that
+  is left);
 * **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
 * **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
   second process with the cache the first one filled;

@@ -98,8 +98,8 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
                    key: Hashable = None) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
     process's GIL. The batch passes through a file in :data:`SHARED`, which this process maps
-(no copy) and unlinks before return;
-    where that has no room for it (a container's 64 MB ``/dev/shm``), the batch is read here."""
+    (no copy) and unlinks before return; where that has no room for it (a container's 64 MB
+    ``/dev/shm``), the batch is read here."""
     shape = (len(tiles), len(bands), read_size, read_size)
     try:
         fd, name = tempfile.mkstemp(prefix=".tilepipe-batch-", dir=SHARED)

@@ -5,8 +5,7 @@ flight, never by the raster's size), and writes each finished batch into its fil
 temporary GeoTIFF as it arrives. A file becomes a finished output only when all its tiles
 are written; its Cloud-Optimized GeoTIFF is then written on a background thread, or in a
 finisher process where the workers run on an accelerator (:mod:`pipeline.sink`), while the
-workers go on with the next file. A failure of one file
-fails that file alone.
+workers go on with the next file. A failure of one file fails that file alone.
 
 A run holds its workflow's lock (:mod:`pipeline.lock`), removes the temporaries a killed run
 left, skips inputs whose content, result-changing settings and model are unchanged since a

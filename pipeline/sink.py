@@ -42,7 +42,8 @@ FINISHERS = 2
 
 @dataclasses.dataclass(frozen=True)
 class Temporaries:
-    """A filled sink's closed temporary GeoTIFFs: all that publishing them needs."""
+    """A sink's temporary GeoTIFFs (one per product, with its band count) and the class counts
+    written into them: all that publishing them needs."""
 
     info: RasterInfo
     dest: Path
@@ -50,25 +51,20 @@ class Temporaries:
     paths: dict[str, Path]
     bands: dict[str, int]
     pixels: np.ndarray
+    """Pixels of each class code (256 counts, nodata included), added to as batches are written."""
 
 
 class MaskSink:
     """The temporary GeoTIFFs of one output; the runner is their only writer."""
 
     def __init__(self, info: RasterInfo, dest: Path, section: OutputSection, num_classes: int):
-        self.info = info
-        self.dest = dest
-        self.section = section
-        self.paths = {"classes": temporary_name(dest, "-classes.tif")}
         bands = {"classes": 1}
         if section.confidence:
-            self.paths["confidence"] = temporary_name(dest, "-confidence.tif")
             bands["confidence"] = 1
         if section.probabilities:
-            self.paths["probabilities"] = temporary_name(dest, "-probabilities.tif")
             bands["probabilities"] = num_classes
-        self.bands = bands
-        self.pixels = np.zeros(256, np.int64)  # of each class code, nodata included, as written
+        paths = {name: temporary_name(dest, f"-{name}.tif") for name in bands}
+        self.files = Temporaries(info, dest, section, paths, bands, np.zeros(256, np.int64))
         block = 256 if min(info.width, info.height) >= 256 else 16
         profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
                    "transform": info.transform, "nodata": NODATA, "tiled": True, "blockxsize": block,
@@ -76,7 +72,7 @@ class MaskSink:
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.datasets = {}
         try:
-            for name, path in self.paths.items():
+            for name, path in paths.items():
                 self.datasets[name] = outputs.open_raster(path, "w", count=bands[name], **profile)
         except Exception:
             self.discard()
@@ -90,9 +86,9 @@ class MaskSink:
                     self.datasets["confidence"].write(block.confidence, 1, window=block.window)
                 if "probabilities" in self.datasets:
                     self.datasets["probabilities"].write(block.probabilities, window=block.window)
-            self.pixels += result.pixels
+            self.files.pixels[:] += result.pixels  # in place: the record is frozen
         except Exception as exc:
-            raise explain_write_failure(exc, list(self.paths.values())) from exc
+            raise explain_write_failure(exc, list(self.files.paths.values())) from exc
 
     def close(self) -> None:
         for dataset in self.datasets.values():
@@ -100,7 +96,7 @@ class MaskSink:
 
     def discard(self) -> None:
         self.close()
-        for path in self.paths.values():
+        for path in self.files.paths.values():
             path.unlink(missing_ok=True)
 
     def finalize(self, card: ModelCard, provenance: dict[str, str], finishers: int = 0) -> Path:
@@ -109,17 +105,16 @@ class MaskSink:
         remove the temporaries."""
         try:
             self.close()
-            done = Temporaries(self.info, self.dest, self.section, self.paths, self.bands, self.pixels)
             pool = finisher_pool(finishers)
             if pool is None:
-                return publish(done, card, provenance)
+                return publish(self.files, card, provenance)
             try:
                 try:
-                    future = pool.submit(_publish_here, done, card, provenance)
+                    future = pool.submit(_publish_here, self.files, card, provenance)
                 except BrokenProcessPool:  # finishers that died idle: new ones publish this file
                     children.drop(pool)
                     pool = finisher_pool(finishers)
-                    future = pool.submit(_publish_here, done, card, provenance)
+                    future = pool.submit(_publish_here, self.files, card, provenance)
                 return future.result()
             except BrokenProcessPool:  # killed while publishing: its partials go with the next run
                 children.drop(pool)
