@@ -334,7 +334,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     start_finishers(resolve_finishers(wf.runtime.finishers, jax.default_backend()))  # as the run will at its first batch
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
-        predictor(np.zeros(predictor.input_shape, np.float32))
+        predictor(np.zeros(predictor.input_shape, predictor.input_dtype))
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
     t0 = time.perf_counter()

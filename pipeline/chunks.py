@@ -35,6 +35,8 @@ bands, batches of 8 tiles of 256 (34 MB); wider rasters keep less, so that memor
 grow with the scene."""
 SLACK = 1.5
 """Room beyond a batch's own chunks for the batches in flight beside it."""
+GDAL_CACHE_FLOOR = 16 * 2**20
+"""Least block cache a reader gives GDAL (its default is 5% of the host's memory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +81,12 @@ class ChunkGrid:
         """
         first, last = area.row_off // self.rows, (area.row_off + area.height - 1) // self.rows
         band = (last - first + 1) * self.rows * -(-self.width // self.cols) * self.cols
-        own = len(self.covering(area)) * self.rows * self.cols
-        return int(max(min(band * pixel_bytes, BAND_BUDGET), SLACK * own * pixel_bytes))
+        return int(max(min(band * pixel_bytes, BAND_BUDGET), SLACK * self.own(area, pixel_bytes)))
+
+    def own(self, area: Window, pixel_bytes: int) -> int:
+        """Bytes of the chunks ``area`` (inside the raster) touches: all a batch needs to decode
+        each of its chunks once, when nothing is kept for the batches after it."""
+        return len(self.covering(area)) * self.rows * self.cols * pixel_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +190,14 @@ class ChunkReader:
         masked = not all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
         return cls(src, bands, ChunkCache() if cache is None else cache, key,
                    ChunkGrid.of(src.width, src.height, block_rows, block_cols), masked)
+
+    @property
+    def gdal_cache_bytes(self) -> int:
+        """Enough of GDAL's block cache for one chunk's blocks twice over (its masks are derived
+        from the blocks its values were just read from): all a reader needs, since every block
+        is read through a chunk, which :class:`ChunkCache` keeps."""
+        values = sum(np.dtype(self.src.dtypes[b - 1]).itemsize for b in self.bands)
+        return max(2 * self.grid.rows * self.grid.cols * values, GDAL_CACHE_FLOOR)
 
     @property
     def pixel_bytes(self) -> int:

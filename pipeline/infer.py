@@ -11,7 +11,8 @@ With several devices visible the batch is sharded across them along its first ax
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
 is rounded up to a multiple of the device count, and a batch smaller than the device count
 uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
-bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units). On CPU each
+bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units); in bfloat16
+the batch is also read and sent in bfloat16 (:func:`input_dtype`). On CPU each
 device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
 one tile's activations stay in the CPU's caches, which measured faster than the batched
 pass on the development machine, and tilepipe starts one CPU device per core
@@ -75,6 +76,14 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
+def input_dtype(precision: str) -> np.dtype:
+    """The dtype a batch is read into and sent to the device in: bfloat16 where the model
+    computes in it (its first step casts the input to that dtype, so the classes are the same,
+    and the batch's bytes on the host, in transit and in shared memory are halved), float32
+    otherwise (``auto`` included: resolve it first)."""
+    return np.dtype(jnp.bfloat16) if precision == "bfloat16" else np.dtype(np.float32)
+
+
 def resolve_readers(readers: int | str, threads: int | None = None, backend: str | None = None) -> int:
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
     and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
@@ -127,6 +136,7 @@ class Predictor:
         self.devices = tuple(devices if devices is not None else jax.devices())[:max(batch, 1)]
         backend = self.devices[0].platform
         self.precision = resolve_precision(precision, backend)
+        self.input_dtype = input_dtype(self.precision)
         n = len(self.devices)
         self.sequential = backend == "cpu" if sequential is None else sequential
         self.batch = -(-batch // n) * n
@@ -173,13 +183,13 @@ class Predictor:
         self._turns = threading.Lock() if backend == "cpu" else contextlib.nullcontext()
 
     def pad(self, x: np.ndarray) -> np.ndarray:
-        """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape."""
+        """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape and dtype."""
         n = x.shape[0]
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-        return x.astype(np.float32, copy=False)
+        return x.astype(self.input_dtype, copy=False)
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A padded batch on the device(s), sharded as the forward pass expects."""
@@ -201,7 +211,7 @@ class Predictor:
 
     def lower(self) -> Any:
         """Trace and lower the forward pass for the batch shape (Python work no cache keeps)."""
-        x = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self.input_sharding)
+        x = jax.ShapeDtypeStruct(self.input_shape, self.input_dtype, sharding=self.input_sharding)
         return self._forward.lower(self._state, x)
 
     def compile(self) -> Any:

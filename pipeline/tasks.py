@@ -20,6 +20,8 @@ from pipeline.infer import (
     configure_jax,
     device_description,
     get_predictor,
+    input_dtype,
+    resolve_precision,
     resolve_readers,
 )
 from pipeline.io import Normaliser
@@ -74,14 +76,18 @@ class BatchResult:
     model_span: tuple[float, float]
 
 
-def read_batch(job: BatchJob) -> BatchInputs:
+def read_batch(job: BatchJob, dtype: np.dtype | None = None) -> BatchInputs:
     """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker; in one of the
-    worker's reader processes where ``job.readers`` asks for them."""
+    worker's reader processes where ``job.readers`` asks for them. In ``dtype``, by default
+    float32 unless the workflow asks for bfloat16: a worker that only reads cannot tell what
+    ``auto`` will mean on the worker that predicts."""
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
+    dtype = input_dtype(job.precision) if dtype is None else dtype
     if pool is None:
-        return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key)
+        return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key,
+                          dtype=dtype)
     return read_elsewhere(pool, job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size,
-                          job.read_key)
+                          job.read_key, dtype)
 
 
 def _worker_threads() -> int | None:
@@ -111,5 +117,6 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
 
 
 def predict_batch(job: BatchJob) -> BatchResult:
-    """Read, normalise and predict ``job.tiles`` in one task; only the small cores travel back."""
-    return predict_inputs(job, read_batch(job))
+    """Read, normalise and predict ``job.tiles`` in one task, read in the dtype the model takes
+    here; only the small cores travel back."""
+    return predict_inputs(job, read_batch(job, input_dtype(resolve_precision(job.precision))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -198,3 +199,40 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
     chunks = -(-1400 // grid.rows) * -(-1400 // grid.cols)
     assert reading.CHUNKS.misses == chunks if threads == 1 else chunks <= reading.CHUNKS.misses <= 1.1 * chunks
     assert reading.CHUNKS.hits > 4 * chunks
+
+
+class CountingCache(ChunkCache):
+    """A chunk cache that counts each chunk's loads."""
+
+    def __init__(self):
+        super().__init__()
+        self.loads = collections.Counter()
+
+    def get(self, key, load):
+        def counted():
+            self.loads[key] += 1
+            return load()
+
+        return super().get(key, counted)
+
+
+@pytest.mark.parametrize("layout", ["tiled 16", "tiled 32x16", "strips of 7 rows"])
+@pytest.mark.parametrize("batch", [8, 9, 64])
+def test_a_batch_read_alone_decodes_each_of_its_chunks_once_and_keeps_none(tmp_path, monkeypatch, layout, batch):
+    """A reader process's batches (``keep=False``): the next one is seldom beside this one, so
+    the cache holds one batch's chunks, each decoded once, and is empty between batches."""
+    data = scene(300, 340, bands=2, seed=6)
+    data[0, :20, :30] = 0
+    path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout], nodata=0))
+    spec = tile_spec(64, 16, 16)
+    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
+    key = uuid.uuid4().hex
+    for tiles in tile_batches(340, 300, spec, batch, striped=layout.startswith("strips")):
+        monkeypatch.setattr(reading, "CHUNKS", CountingCache())
+        alone = reading.read_tiles(path, tiles, [1, 2], norm, spec.read_size, key, keep=False)
+        assert reading.CHUNKS.loads and set(reading.CHUNKS.loads.values()) == {1}
+        assert reading.CHUNKS.bytes == 0
+        plain = reading.read_tiles(path, tiles, [1, 2], norm, spec.read_size)
+        np.testing.assert_array_equal(alone.x, plain.x)
+        for a, b in zip(alone.masks, plain.masks):
+            np.testing.assert_array_equal(a, b)

@@ -50,6 +50,25 @@ def test_bfloat16_classes_mostly_agree_with_float32(tiny_checkpoint):
     assert np.abs(fp32.confidence.astype(int) - bf16.confidence.astype(int)).mean() < 2
 
 
+def test_a_bfloat16_predictor_takes_bfloat16_batches_and_gives_the_classes_of_float32_ones(tiny_checkpoint):
+    """The forward pass casts its input to the compute dtype first, so a batch rounded on the
+    host gives the same classes as the float32 batch rounded on the device."""
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    spec = tile_spec(32, 28, TINY.factor)
+    assert Predictor(checkpoint, spec, 4, precision="float32").input_dtype == np.float32
+    predictor = Predictor(checkpoint, spec, 4, precision="bfloat16")
+    assert predictor.input_dtype == jnp.bfloat16
+    assert predictor.lower().args_info[0][1].dtype == jnp.bfloat16
+    x = np.random.default_rng(1).standard_normal((3, 4, spec.read_size, spec.read_size)).astype(np.float32)
+    rounded = predictor(x)  # padded and rounded to bfloat16 on the host
+    assert predictor(x.astype(jnp.bfloat16)).classes.tobytes() == rounded.classes.tobytes()
+    assert predictor.compiled_count() == 1
+    wide = jax.device_put(predictor.pad(x).astype(np.float32), predictor.input_sharding)
+    classes, confidence = (np.asarray(out)[:3] for out in predictor.forward(wide))
+    np.testing.assert_array_equal(classes, rounded.classes)
+    np.testing.assert_array_equal(confidence, rounded.confidence)
+
+
 def plain_forward(model, x):
     """The U-Net written with the plain Flax layers: concatenation, ConvTranspose, max_pool."""
     def block(b, x):

@@ -10,6 +10,7 @@ import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
 
+import ml_dtypes
 import numpy as np
 import psutil
 import pytest
@@ -22,6 +23,7 @@ from pipeline.infer import resolve_readers
 from pipeline.io import Normaliser
 from pipeline.windows import tile_batches, tile_spec
 
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 READERS = 2  # one pool for the whole module: each new size spawns its processes
 
 
@@ -51,6 +53,27 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
         for a, b in zip(there.masks, here.masks):
             np.testing.assert_array_equal(a, b)
     assert leftovers() == before
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_bfloat16_batch_is_the_float32_batch_rounded_here_and_in_a_reader(tmp_path, keyed):
+    data = scene(60, 70, seed=5)
+    data[:, :7, :11] = 0
+    path = str(write_raster(tmp_path / "in.tif", data, nodata=0))
+    spec = tile_spec(32, 16, 4)
+    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
+    key = uuid.uuid4().hex if keyed else None
+    pool = reading.reader_pool(READERS)
+    for tiles in tile_batches(70, 60, spec, 4):
+        wide = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size)
+        rounded = wide.x.astype(BFLOAT16)
+        here = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size, key, dtype=BFLOAT16)
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key, BFLOAT16)
+        for batch in (here, there):
+            assert batch.x.dtype == BFLOAT16
+            np.testing.assert_array_equal(batch.x.view(np.uint16), rounded.view(np.uint16))
+            for a, b in zip(batch.masks, wide.masks):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
@@ -106,9 +129,11 @@ def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path,
     assert len([r for r in caplog.records if "no room for a batch" in r.getMessage()]) == 1  # 2 batches, said once
 
 
-def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch):
-    elsewhere = []
-    monkeypatch.setattr(tasks, "read_elsewhere", lambda *a: elsewhere.append(a[1]) or reading.read_elsewhere(*a))
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch, precision):
+    elsewhere, dtypes = [], set()
+    monkeypatch.setattr(tasks, "read_elsewhere",
+                        lambda *a: elsewhere.append(a[1]) or dtypes.add(a[-1]) or reading.read_elsewhere(*a))
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
@@ -116,7 +141,8 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
     outputs = {}
     for readers in (0, READERS):
         out = tmp_path / f"out{readers}"
-        assert run(make_workflow(inputs, output={"dir": str(out)}, runtime={"readers": readers})) == 0
+        runtime = {"readers": readers, "precision": precision}
+        assert run(make_workflow(inputs, output={"dir": str(out)}, runtime=runtime)) == 0
         outputs[readers] = {}
         for i in range(2):
             with rasterio.open(out / f"s{i}.tif") as src:
@@ -124,6 +150,7 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
     for i in range(2):
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
+    assert dtypes == {np.dtype(precision)}  # batches travel in the dtype the model computes in
     assert not leftovers()
 
 
