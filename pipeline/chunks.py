@@ -21,7 +21,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import rasterio
@@ -35,7 +35,7 @@ bands, batches of 8 tiles of 256 (34 MB); wider rasters keep less, so that memor
 grow with the scene."""
 SLACK = 1.5
 """Room beyond a batch's own chunks for the batches in flight beside it."""
-GDAL_CACHE_FLOOR = 16 * 2**20
+GDAL_CACHE_FLOOR = 2 * 2**20
 """Least block cache a reader gives GDAL (its default is 5% of the host's memory)."""
 
 
@@ -81,12 +81,45 @@ class ChunkGrid:
         """
         first, last = area.row_off // self.rows, (area.row_off + area.height - 1) // self.rows
         band = (last - first + 1) * self.rows * -(-self.width // self.cols) * self.cols
-        return int(max(min(band * pixel_bytes, BAND_BUDGET), SLACK * self.own(area, pixel_bytes)))
+        own = len(self.covering(area)) * self.rows * self.cols
+        return int(max(min(band * pixel_bytes, BAND_BUDGET), SLACK * own * pixel_bytes))
 
-    def own(self, area: Window, pixel_bytes: int) -> int:
-        """Bytes of the chunks ``area`` (inside the raster) touches: all a batch needs to decode
-        each of its chunks once, when nothing is kept for the batches after it."""
-        return len(self.covering(area)) * self.rows * self.cols * pixel_bytes
+    def sweep(self, windows: Iterable[Window]) -> int:
+        """The fewest chunks a least-recently-used cache must hold to decode each chunk once
+        while ``windows`` (inside the raster) are read in order: the most distinct chunks read
+        from one read of a chunk to its next (its LRU stack distance). A batch read alone needs
+        the chunks of about two columns of its tiles, not all of its own."""
+        return _stack_distance([key for window in windows for key in self.covering(window)])
+
+
+def _stack_distance(keys: Sequence[Hashable]) -> int:
+    """The largest number of distinct keys read from one read of a key to its next, that key
+    included (1 if no key is read twice), in O(n log n): a Fenwick tree over the read times
+    marks each key's latest read, so the marks between two reads count the keys read since."""
+    tree = [0] * (len(keys) + 1)
+
+    def mark(time: int, value: int) -> None:
+        time += 1
+        while time <= len(keys):
+            tree[time] += value
+            time += time & -time
+
+    def marks_before(time: int) -> int:
+        total = 0
+        while time > 0:
+            total += tree[time]
+            time -= time & -time
+        return total
+
+    latest: dict[Hashable, int] = {}
+    most = 1
+    for time, key in enumerate(keys):
+        if key in latest:
+            most = max(most, marks_before(time) - marks_before(latest[key]))
+            mark(latest[key], -1)
+        mark(time, 1)
+        latest[key] = time
+    return most
 
 
 @dataclasses.dataclass(frozen=True)

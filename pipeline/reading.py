@@ -32,7 +32,7 @@ from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader
 from pipeline.io import Normaliser, read_tile
 from pipeline.stitch import core_mask
-from pipeline.windows import Tile
+from pipeline.windows import Tile, source_window
 
 LOG = logging.getLogger(__name__)
 
@@ -67,10 +67,13 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normalise
     masks = []
     with rasterio.open(path) as src:
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
-        if key is not None:
+        if key is not None and keep:
             area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
+            CHUNKS.resize(reader.grid.budget(area, reader.pixel_bytes), key)
+        elif key is not None:
             grid = reader.grid
-            CHUNKS.resize(grid.budget(area, reader.pixel_bytes) if keep else grid.own(area, reader.pixel_bytes), key)
+            sweep = grid.sweep(source_window(t.read, src.width, src.height) for t in tiles)
+            CHUNKS.resize(sweep * grid.rows * grid.cols * reader.pixel_bytes, key)
         with contextlib.nullcontext() if keep else rasterio.Env(GDAL_CACHEMAX=reader.gdal_cache_bytes):
             for i, tile in enumerate(tiles):
                 data, valid = read_tile(src, tile, list(bands), reader)

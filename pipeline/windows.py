@@ -143,6 +143,14 @@ def source_span(indices: np.ndarray) -> tuple[int, int]:
     return int(indices.min()), int(indices.max()) + 1
 
 
+def source_window(read: Window, width: int, height: int) -> Window:
+    """The smallest window of a ``width`` x ``height`` raster holding every pixel that
+    ``read`` reflects onto: what is read from the raster for it."""
+    r0, r1 = source_span(reflect_indices(read.row_off, read.row_off + read.height, height))
+    c0, c1 = source_span(reflect_indices(read.col_off, read.col_off + read.width, width))
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
 def batches(items: list, size: int) -> list[list]:
     """Consecutive groups of at most ``size`` items."""
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -24,7 +24,7 @@ from pipeline.chunks import (
     ChunkReader,
 )
 from pipeline.io import Normaliser
-from pipeline.windows import tile_batches, tile_spec
+from pipeline.windows import source_window, tile_batches, tile_spec
 
 # (block rows, block cols) or None for strips of the given rows
 LAYOUTS = {"tiled 16": (16, 16), "tiled 32x16": (32, 16), "strips of 1 row": 1, "strips of 7 rows": 7}
@@ -96,6 +96,40 @@ def test_chunks_are_whole_blocks_and_cover_a_window_exactly(width, height, block
         covered[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
     inside = covered[row : row + window.height, col : col + window.width]
     assert (inside == 1).all()  # every pixel of the window in exactly one chunk
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 200), st.sampled_from([1, 7, 16, 64]), st.data())
+def test_a_sweep_is_the_least_cache_that_decodes_each_chunk_once(width, height, block, data):
+    """Reading windows in order through a least-recently-used cache of ``sweep`` chunks loads
+    each chunk once; one chunk fewer loads some chunk twice."""
+    grid = ChunkGrid.of(width, height, block, block, target=16)
+    inside = st.builds(lambda r, c, h, w: Window(c, r, min(w, width - c), min(h, height - r)),
+                       st.integers(0, height - 1), st.integers(0, width - 1), st.integers(1, 60), st.integers(1, 60))
+    reads = data.draw(st.lists(inside, min_size=1, max_size=12))
+    sweep = grid.sweep(reads)
+
+    def loads(capacity):
+        cache, loaded = ChunkCache(budget=capacity), collections.Counter()
+        for window in reads:
+            for key in grid.covering(window):
+                cache.get(key, lambda key=key: loaded.update([key]) or chunk(1))
+        return loaded
+
+    assert set(loads(sweep).values()) == {1}
+    if sweep > 1:
+        assert max(loads(sweep - 1).values()) > 1
+
+
+def test_a_batch_of_8_x_8_tiles_read_alone_needs_three_columns_of_its_chunks_not_all():
+    """Its tiles are read column by column: a column's chunks and the next's are enough."""
+    grid = ChunkGrid.of(8192, 8192, 256, 256)
+    spec = tile_spec(256, 64, 16)
+    for tiles in tile_batches(8192, 8192, spec, 64):
+        reads = [source_window(t.read, 8192, 8192) for t in tiles]
+        own = {key for window in reads for key in grid.covering(window)}
+        rows = {i for i, _ in own}
+        assert grid.sweep(reads) <= 3 * len(rows) < len(own)
 
 
 MB = 2**20
@@ -220,7 +254,8 @@ class CountingCache(ChunkCache):
 @pytest.mark.parametrize("batch", [8, 9, 64])
 def test_a_batch_read_alone_decodes_each_of_its_chunks_once_and_keeps_none(tmp_path, monkeypatch, layout, batch):
     """A reader process's batches (``keep=False``): the next one is seldom beside this one, so
-    the cache holds one batch's chunks, each decoded once, and is empty between batches."""
+    the cache holds what one batch needs to decode each of its chunks once (its sweep), and is
+    empty between batches."""
     data = scene(300, 340, bands=2, seed=6)
     data[0, :20, :30] = 0
     path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout], nodata=0))
