@@ -67,24 +67,32 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normalise
     masks = []
     with rasterio.open(path) as src:
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
-        if key is not None and keep:
-            area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
-            CHUNKS.resize(reader.grid.budget(area, reader.pixel_bytes), key)
-        elif key is not None:
-            grid = reader.grid
-            sweep = grid.sweep(source_window(t.read, src.width, src.height) for t in tiles)
-            CHUNKS.resize(sweep * grid.rows * grid.cols * reader.pixel_bytes, key)
-        with contextlib.nullcontext() if keep else rasterio.Env(GDAL_CACHEMAX=reader.gdal_cache_bytes):
-            for i, tile in enumerate(tiles):
-                data, valid = read_tile(src, tile, list(bands), reader)
-                if scratch is None:
-                    normaliser(data, valid, out=x[i])
-                else:
-                    x[i] = normaliser(data, valid, out=scratch)
-                masks.append(core_mask(valid, tile))
-    if not keep and key is not None:
-        CHUNKS.forget(key)
+        if key is not None:
+            CHUNKS.resize(_chunk_budget(reader, tiles, keep), key)
+        try:
+            with contextlib.nullcontext() if keep else rasterio.Env(GDAL_CACHEMAX=reader.gdal_cache_bytes):
+                for i, tile in enumerate(tiles):
+                    data, valid = read_tile(src, tile, list(bands), reader)
+                    if scratch is None:
+                        normaliser(data, valid, out=x[i])
+                    else:
+                        x[i] = normaliser(data, valid, out=scratch)
+                    masks.append(core_mask(valid, tile))
+        finally:
+            if not keep and key is not None:
+                CHUNKS.forget(key)
     return BatchInputs(x, tuple(masks))
+
+
+def _chunk_budget(reader: ChunkReader, tiles: Sequence[Tile], keep: bool) -> int:
+    """Bytes of chunks to keep while ``tiles`` are read: for batches like them (``keep``), or
+    for this batch alone, its sweep (:meth:`pipeline.chunks.ChunkGrid.sweep`)."""
+    src, grid = reader.src, reader.grid
+    if keep:
+        area = windows.intersection(windows.union(*(t.read for t in tiles)), Window(0, 0, src.width, src.height))
+        return grid.budget(area, reader.pixel_bytes)
+    sweep = grid.sweep(source_window(t.read, src.width, src.height) for t in tiles)
+    return sweep * grid.rows * grid.cols * reader.pixel_bytes
 
 
 async def forget_chunks(read_key: str) -> None:

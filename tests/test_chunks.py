@@ -271,3 +271,17 @@ def test_a_batch_read_alone_decodes_each_of_its_chunks_once_and_keeps_none(tmp_p
         np.testing.assert_array_equal(alone.x, plain.x)
         for a, b in zip(alone.masks, plain.masks):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_batch_read_alone_that_fails_keeps_nothing_either(tmp_path, monkeypatch):
+    monkeypatch.setattr(reading, "CHUNKS", CountingCache())
+    good = layout_raster(tmp_path / "good.tif", scene(300, 340, bands=2, seed=7), LAYOUTS["tiled 16"])
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size * 19 // 20])  # the last rows of blocks are gone
+    spec = tile_spec(64, 16, 16)
+    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
+    tiles = tile_batches(340, 300, spec, 64)[0]
+    with pytest.raises(rasterio.errors.RasterioError):
+        reading.read_tiles(str(broken), tiles, [1, 2], norm, spec.read_size, "k", keep=False)
+    assert len(reading.CHUNKS.loads) > 1  # the first chunks were read before the failure
+    assert reading.CHUNKS.bytes == 0
