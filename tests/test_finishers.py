@@ -153,3 +153,22 @@ def test_a_daemonic_process_publishes_in_its_own_threads():
 
 def _has_finishers() -> bool:
     return sink.finisher_pool(2) is not None
+
+
+def test_verification_reads_every_row_of_blocks_and_names_a_corrupt_one(tmp_path):
+    path = tmp_path / "out.tif"
+    profile = {"driver": "GTiff", "width": 520, "height": 600, "count": 1, "dtype": "uint8", "tiled": True,
+               "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(scene(600, 520, bands=1, dtype="uint8", seed=3))
+    info = inspect_raster(path, [1])
+    sink.verify_raster(path, info, 1)
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_2", "TIFF", bidx=1))  # the last row of blocks
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 64)
+    with pytest.raises(rasterio.errors.RasterioError):
+        sink.verify_raster(path, info, 1)
+    with pytest.raises(sink.OutputError, match="out.tif: written 1 band"):
+        sink.verify_raster(path, info, 2)
