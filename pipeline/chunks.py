@@ -229,14 +229,17 @@ class ChunkReader:
         """Enough of GDAL's block cache for one chunk's blocks twice over (its masks are derived
         from the blocks its values were just read from): all a reader needs, since every block
         is read through a chunk, which :class:`ChunkCache` keeps."""
-        values = sum(np.dtype(self.src.dtypes[b - 1]).itemsize for b in self.bands)
-        return max(2 * self.grid.rows * self.grid.cols * values, GDAL_CACHE_FLOOR)
+        return max(2 * self.grid.rows * self.grid.cols * self.value_bytes, GDAL_CACHE_FLOOR)
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of a pixel's values in the bands read."""
+        return sum(np.dtype(self.src.dtypes[b - 1]).itemsize for b in self.bands)
 
     @property
     def pixel_bytes(self) -> int:
         """Bytes a cached pixel takes: the bands' values, and their masks where GDAL has any."""
-        values = sum(np.dtype(self.src.dtypes[b - 1]).itemsize for b in self.bands)
-        return values + (len(self.bands) if self.masked else 0)
+        return self.value_bytes + (len(self.bands) if self.masked else 0)
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         """The bands of ``window`` (inside the raster) and GDAL's per-band masks of it (None

@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from pipeline.chunks import ChunkReader
 from pipeline.errors import InputError
-from pipeline.windows import Tile, reflect_indices, source_span
+from pipeline.windows import Tile, reflect_indices, source_window
 
 GDAL_PATH = re.compile(r"^(/vsi[a-z0-9_]+/|[a-z][a-z0-9+.-]*://)")
 
@@ -134,18 +134,16 @@ def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int],
     come through ``reader`` (``src``'s decoded chunks, shared with the tiles around this
     one); without it nothing is kept.
     """
-    rows = reflect_indices(tile.read.row_off, tile.read.row_off + tile.read.height, src.height)
-    cols = reflect_indices(tile.read.col_off, tile.read.col_off + tile.read.width, src.width)
-    r0, r1 = source_span(rows)
-    c0, c1 = source_span(cols)
+    read, source = tile.read, source_window(tile.read, src.width, src.height)
     reader = ChunkReader.of(src, bands) if reader is None else reader
-    data, masks = reader.read(Window(c0, r0, c1 - c0, r1 - r0))
+    data, masks = reader.read(source)
     valid = np.ones(data.shape[1:], bool) if masks is None else np.all(masks > 0, axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.all(np.isfinite(data), axis=0)
-    if len(rows) == r1 - r0 and len(cols) == c1 - c0:  # inside the raster: nothing to reflect
+    if (source.height, source.width) == (read.height, read.width):  # inside the raster: nothing to reflect
         return data, valid
-    rows, cols = rows - r0, cols - c0
+    rows = reflect_indices(read.row_off, read.row_off + read.height, src.height) - source.row_off
+    cols = reflect_indices(read.col_off, read.col_off + read.width, src.width) - source.col_off
     return data.take(rows, axis=1).take(cols, axis=2), valid.take(rows, axis=0).take(cols, axis=1)
 
 
