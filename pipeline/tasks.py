@@ -26,7 +26,7 @@ from pipeline.infer import (
 )
 from pipeline.io import Normaliser
 from pipeline.reading import BatchInputs, read_elsewhere, read_tiles, reader_pool
-from pipeline.stitch import place
+from pipeline.stitch import class_counts, place
 from pipeline.windows import Tile, TileSpec, core_blocks
 
 
@@ -111,7 +111,7 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
         blocks.append(BlockResult(window, placed(prediction.classes),
                                   placed(prediction.confidence) if job.with_confidence else None,
                                   placed(probabilities) if job.with_probabilities else None))
-    pixels = sum(np.bincount(b.classes.ravel(), minlength=256) for b in blocks)
+    pixels = sum(class_counts(b.classes) for b in blocks)
     return BatchResult(tuple(blocks), len(job.tiles), pixels, device_description(),
                        f"{socket.gethostname()}/{os.getpid()}", prediction.span)
 
