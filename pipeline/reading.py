@@ -5,8 +5,8 @@ enough: the model is the cost. On an accelerator the host is the cost, and one P
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
 each batch in a child process (through a chunk cache of its own, emptied after each batch,
-and a small GDAL block cache) into a file in shared memory, which the worker maps as the
-batch. This module imports no JAX, so the children stay light.
+and a small GDAL block cache) into shared memory that the worker maps as the batch and keeps
+for a next one (:data:`BUFFERS`). This module imports no JAX, so the children stay light.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import math
+import mmap
 import os
-import tempfile
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -35,9 +36,6 @@ from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
 
 LOG = logging.getLogger(__name__)
-
-SHARED = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-"""Where reader processes leave a batch: memory (tmpfs) where the system has it."""
 
 CHUNKS = ChunkCache()
 """Decoded chunks of inputs, shared by the threads of this process."""
@@ -121,45 +119,172 @@ def start_readers(processes: int) -> None:
         children.start(pool, processes, __name__)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SharedBatch:
+    """Memory a reader process writes a batch into and this process maps: an anonymous file
+    (``memfd``, so no name is ever left behind) that readers open through ``/proc``."""
+
+    fd: int
+    shape: tuple[int, ...]
+    """(tiles, bands, S, S) it holds."""
+    dtype: np.dtype
+
+    @classmethod
+    def create(cls, shape: tuple[int, ...], dtype: np.dtype) -> SharedBatch:
+        """A new buffer, its memory reserved now: a host short of it fails here (OSError),
+        rather than with SIGBUS in the reader that writes into it."""
+        if not hasattr(os, "memfd_create"):
+            raise OSError(errno.ENOSYS, "no memfd_create on this system")
+        fd = os.memfd_create("tilepipe-batch", os.MFD_CLOEXEC)
+        try:
+            _reserve(fd, math.prod(shape) * dtype.itemsize)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, shape, dtype)
+
+    @property
+    def path(self) -> str:
+        """The file as a reader opens it."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    @functools.cached_property
+    def x(self) -> np.ndarray:
+        """This process's (read-only) mapping, made on first use and kept."""
+        memory = mmap.mmap(self.fd, math.prod(self.shape) * self.dtype.itemsize, mmap.MAP_SHARED, mmap.PROT_READ)
+        return np.frombuffer(memory, self.dtype).reshape(self.shape)
+
+    def close(self) -> None:
+        """Close the file; its memory goes with the last view of :attr:`x`."""
+        os.close(self.fd)
+
+
+class BatchBuffers:
+    """Shared buffers lent to one batch at a time and kept for the next. A buffer per batch
+    cost this process its reservation and then its freeing, and the reader a page fault per
+    page it wrote: about 100 ms of a core for a batch of 64 tiles of 384 px in bfloat16."""
+
+    def __init__(self) -> None:
+        self._free: list[SharedBatch] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> Iterator[SharedBatch | None]:
+        """A buffer of at least ``shape[0]`` tiles of ``shape[1:]`` for the with-block (None
+        where none can be had)."""
+        with self._lock:
+            fits = [b for b in self._free if b.dtype == dtype and b.shape[1:] == shape[1:] and b.shape[0] >= shape[0]]
+            buffer = min(fits, key=lambda b: b.shape[0]) if fits else None
+            if buffer is not None:
+                self._free.remove(buffer)
+        buffer = buffer or _new_buffer(shape, dtype)
+        try:
+            yield buffer
+        finally:
+            if buffer is not None:
+                with self._lock:
+                    self._free.append(buffer)
+
+    def clear(self) -> None:
+        """Close the buffers not lent now."""
+        with self._lock:
+            free, self._free = self._free, []
+        for buffer in free:
+            buffer.close()
+
+    def __len__(self) -> int:
+        """Buffers kept, not lent now."""
+        return len(self._free)
+
+
+BUFFERS = BatchBuffers()
+"""This process's buffers for batches read in its reader processes."""
+
+
+async def drop_buffers() -> None:
+    """Close a worker's idle batch buffers at the end of a run (a coroutine, as
+    :func:`forget_chunks` is)."""
+    BUFFERS.clear()
+
+
+class NoSharedBatch(Exception):
+    """A reader process could not open its batch's shared memory."""
+
+
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
                    bands: Sequence[int], normaliser: Normaliser, read_size: int,
                    key: Hashable = None, dtype: np.dtype = FLOAT32) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
-    process's GIL. The batch passes through a file in :data:`SHARED`, which this process maps
-    (no copy) and unlinks before return; where that has no room for it (a container's 64 MB
-    ``/dev/shm``), the batch is read here."""
+    process's GIL into shared memory of its own, which this process maps (no copy) and which
+    lasts as long as the batch. Where it cannot be shared, the batch is read here."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
+    buffer = None if _UNSHARED else _new_buffer(shape, dtype)
     try:
-        fd, name = tempfile.mkstemp(prefix=".tilepipe-batch-", dir=SHARED)
-    except OSError as exc:
-        _no_room(str(SHARED), exc.strerror)
-        return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
-    try:
-        try:
-            _reserve(fd, math.prod(shape) * dtype.itemsize)
-        except OSError as exc:
-            _no_room(str(SHARED), exc.strerror)
-            return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
-        try:
-            masks = pool.submit(_read_into, name, shape, dtype, path, tuple(tiles), tuple(bands), normaliser,
-                                read_size, key).result()
-        except BrokenProcessPool:
-            children.drop(pool)
-            raise
-        # The reader's pages, mapped rather than copied: the mapping outlives the file's name.
-        return BatchInputs(np.memmap(name, dtype, "r", shape=shape).view(np.ndarray), masks)
+        return _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
     finally:
-        os.close(fd)
-        os.unlink(name)
+        if buffer is not None:
+            buffer.close()  # its mapping holds the memory
+
+
+@contextlib.contextmanager
+def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
+                   bands: Sequence[int], normaliser: Normaliser, read_size: int,
+                   key: Hashable = None, dtype: np.dtype = FLOAT32) -> Iterator[BatchInputs]:
+    """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
+    batch is valid inside it only."""
+    shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
+    if _UNSHARED:
+        yield read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
+        return
+    with BUFFERS.lend(shape, dtype) as buffer:
+        yield _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
+
+
+def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
+                 tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser, read_size: int,
+                 key: Hashable, dtype: np.dtype) -> BatchInputs:
+    """The batch read by a reader into ``buffer``, or here where there is none."""
+    if buffer is None or _UNSHARED:
+        return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
+    shape = (len(tiles), *buffer.shape[1:])
+    try:
+        masks = pool.submit(_read_into, buffer.path, shape, dtype, path, tuple(tiles), tuple(bands), normaliser,
+                            read_size, key).result()
+    except BrokenProcessPool:
+        children.drop(pool)
+        raise
+    except NoSharedBatch as exc:
+        _UNSHARED.append(str(exc))
+        _cannot_share(f"reader processes cannot open shared memory ({exc})")
+        return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
+    return BatchInputs(buffer.x[: len(tiles)], tuple(_all_valid(t.core.height, t.core.width) if m is None else m
+                                                     for m, t in zip(masks, tiles)))
+
+
+_UNSHARED: list[str] = []
+"""Why this process's readers cannot open shared memory, once they could not."""
+
+
+def _new_buffer(shape: tuple[int, ...], dtype: np.dtype) -> SharedBatch | None:
+    """A new :class:`SharedBatch`, or None (said once) where there is no room for one."""
+    try:
+        return SharedBatch.create(shape, dtype)
+    except OSError as exc:
+        _cannot_share(f"no room for a batch in shared memory ({exc.strerror})")
+        return None
 
 
 def _reserve(fd: int, size: int) -> None:
-    """Give the file ``size`` bytes of storage now: a full tmpfs fails here, rather than with
-    SIGBUS in the reader that writes into it."""
-    if hasattr(os, "posix_fallocate"):
-        os.posix_fallocate(fd, 0, size)
-    else:
-        os.ftruncate(fd, size)
+    """Give the file ``size`` bytes of memory now."""
+    os.posix_fallocate(fd, 0, size)
+
+
+@functools.cache
+def _all_valid(height: int, width: int) -> np.ndarray:
+    """The (read-only) mask of a core without nodata: readers send None for it."""
+    mask = np.ones((height, width), bool)
+    mask.flags.writeable = False
+    return mask
 
 
 @functools.cache
@@ -170,16 +295,29 @@ def _no_children() -> None:
 
 
 @functools.cache
-def _no_room(directory: str, reason: str) -> None:
+def _cannot_share(reason: str) -> None:
     """Say once per process that batches are read in the worker's threads, and why."""
-    LOG.warning("no room for a batch in %s (%s): reading batches in this process instead of its readers",
-                directory, reason)
+    LOG.warning("%s: reading batches in this process instead of its readers", reason)
 
 
-def _read_into(name: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
-               bands: tuple[int, ...], normaliser: Normaliser, read_size: int, key: Hashable) -> tuple[np.ndarray, ...]:
-    """A reader process's task: the batch into the file ``name``, the core masks returned.
-    Nothing is kept for the next: among many readers, a reader's next batch is seldom beside
-    this one, and sixteen readers each keeping a batch's chunks held a gigabyte."""
-    out = np.memmap(name, dtype, "r+", shape=shape)
-    return read_tiles(path, tiles, bands, normaliser, read_size, key, out=out, keep=False).masks
+def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
+               bands: tuple[int, ...], normaliser: Normaliser, read_size: int,
+               key: Hashable) -> tuple[np.ndarray | None, ...]:
+    """A reader process's task: the batch into the shared file ``target``; each core's mask
+    returned, None where every pixel is valid. Nothing is kept for the next batch: among many
+    readers, a reader's next batch is seldom beside this one, and sixteen readers each keeping a
+    batch's chunks held a gigabyte."""
+    size = math.prod(shape) * dtype.itemsize
+    try:
+        fd = os.open(target, os.O_RDWR)
+    except OSError as exc:
+        raise NoSharedBatch(f"{target}: {exc.strerror}") from None
+    try:  # mapped with its pages at once: writing through faults would take ~45 ms a batch
+        memory = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    out = np.frombuffer(memory, dtype).reshape(shape)
+    masks = read_tiles(path, tiles, bands, normaliser, read_size, key, out=out, keep=False).masks
+    del out
+    memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
+    return tuple(None if m.all() else m for m in masks)

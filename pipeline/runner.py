@@ -291,6 +291,7 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
             with open_client(wf.dask) as client:
                 try:
                     device = _execute(client, files, ctx, progress)
+                    client.run(reading.drop_buffers, on_error="ignore")  # a worker's batch buffers, kept per run
                 finally:
                     for job in files:  # an interrupt or a bug: no temporary survives
                         if job.sink is not None and not job.done:

@@ -7,10 +7,12 @@ rectangles the driver writes (:func:`pipeline.windows.core_blocks`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import socket
+from collections.abc import Iterator
 
 import numpy as np
 from distributed import get_worker
@@ -25,7 +27,13 @@ from pipeline.infer import (
     resolve_readers,
 )
 from pipeline.io import Normaliser
-from pipeline.reading import BatchInputs, read_elsewhere, read_tiles, reader_pool
+from pipeline.reading import (
+    BatchInputs,
+    lend_elsewhere,
+    read_elsewhere,
+    read_tiles,
+    reader_pool,
+)
 from pipeline.stitch import class_counts, place
 from pipeline.windows import Tile, TileSpec, core_blocks
 
@@ -84,10 +92,26 @@ def read_batch(job: BatchJob, dtype: np.dtype | None = None) -> BatchInputs:
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     dtype = input_dtype(job.precision) if dtype is None else dtype
     if pool is None:
-        return read_tiles(job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key,
-                          dtype=dtype)
-    return read_elsewhere(pool, job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size,
-                          job.read_key, dtype)
+        return read_tiles(*_read_args(job), dtype=dtype)
+    return read_elsewhere(pool, *_read_args(job), dtype)
+
+
+@contextlib.contextmanager
+def lent_batch(job: BatchJob, dtype: np.dtype) -> Iterator[BatchInputs]:
+    """:func:`read_batch` for the with-block only: with readers, into a buffer of the worker's
+    that is lent to this batch and then to the next (:data:`pipeline.reading.BUFFERS`)."""
+    pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
+    if pool is None:
+        yield read_tiles(*_read_args(job), dtype=dtype)
+        return
+    with lend_elsewhere(pool, *_read_args(job), dtype) as inputs:
+        yield inputs
+
+
+def _read_args(job: BatchJob) -> tuple:
+    """What :func:`~pipeline.reading.read_tiles` reads for ``job``: path, tiles, bands, normaliser,
+    read size and chunk key."""
+    return job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key
 
 
 def _worker_threads() -> int | None:
@@ -119,4 +143,5 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
 def predict_batch(job: BatchJob) -> BatchResult:
     """Read, normalise and predict ``job.tiles`` in one task, read in the dtype the model takes
     here; only the small cores travel back."""
-    return predict_inputs(job, read_batch(job, input_dtype(resolve_precision(job.precision))))
+    with lent_batch(job, input_dtype(resolve_precision(job.precision))) as inputs:
+        return predict_inputs(job, inputs)

@@ -24,11 +24,21 @@ from pipeline.io import Normaliser
 from pipeline.windows import tile_batches, tile_spec
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT32 = np.dtype(np.float32)
 READERS = 2  # one pool for the whole module: each new size spawns its processes
 
 
 def leftovers():
-    return sorted(p.name for p in reading.SHARED.glob(".tilepipe-batch-*"))
+    """The shared batch files this process has open: kept in ``reading.BUFFERS``, or by the
+    mapping of a batch still in use."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "tilepipe-batch" in os.readlink(f"/proc/self/fd/{fd}"):
+                fds.append(int(fd))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return sorted(fds)
 
 
 @pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
@@ -44,15 +54,21 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
     key = uuid.uuid4().hex if keyed else None
     pool = reading.reader_pool(READERS)
+    reading.BUFFERS.clear()
     before = leftovers()
-    for tiles in tile_batches(90, 70, spec, 4):
-        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key)
+    for tiles in tile_batches(90, 70, spec, 4):  # the last batch has 2 tiles
         here = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size)
-        np.testing.assert_array_equal(there.x, here.x)
-        assert len(there.masks) == len(tiles)
-        for a, b in zip(there.masks, here.masks):
-            np.testing.assert_array_equal(a, b)
-    assert leftovers() == before
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key)
+        with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key) as lent:
+            for batch in (there, lent):
+                np.testing.assert_array_equal(batch.x, here.x)
+                assert len(batch.masks) == len(tiles)
+                for a, b in zip(batch.masks, here.masks):
+                    np.testing.assert_array_equal(a, b)
+        assert len(reading.BUFFERS) == 1  # one buffer, lent to each batch in turn
+    reading.BUFFERS.clear()
+    del there, lent, batch
+    assert leftovers() == before  # the rest went with the batches' last views
 
 
 @pytest.mark.parametrize("keyed", [False, True])
@@ -115,25 +131,64 @@ def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path,
     def full(fd, size):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(reading, "_reserve", full)  # a container's small /dev/shm
-    reading._no_room.cache_clear()
+    monkeypatch.setattr(reading, "_reserve", full)  # a host short of memory
+    reading._cannot_share.cache_clear()
     path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
     spec = tile_spec(32, 16, 4)
     norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     before = leftovers()
     with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
         for tiles in tile_batches(40, 40, spec, 2):
+            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
             x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
-            np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+            np.testing.assert_array_equal(x, want)
+            with reading.lend_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], norm,
+                                        spec.read_size) as lent:
+                np.testing.assert_array_equal(lent.x, want)
     assert leftovers() == before
-    assert len([r for r in caplog.records if "no room for a batch" in r.getMessage()]) == 1  # 2 batches, said once
+    assert len([r for r in caplog.records if "no room for a batch" in r.getMessage()]) == 1  # 4 reads, said once
+
+
+def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(reading.SharedBatch, "path", property(lambda _: str(tmp_path / "no-such-fd")))  # no /proc
+    monkeypatch.setattr(reading, "_UNSHARED", [])
+    monkeypatch.setattr(reading, "BUFFERS", reading.BatchBuffers())
+    reading._cannot_share.cache_clear()
+    path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
+    spec = tile_spec(32, 16, 4)
+    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
+    pool = reading.reader_pool(READERS)
+    with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
+        for tiles in tile_batches(40, 40, spec, 2):
+            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
+            np.testing.assert_array_equal(reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm,
+                                                                 spec.read_size).x, want)
+            with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size) as lent:
+                np.testing.assert_array_equal(lent.x, want)
+    said = [r.getMessage() for r in caplog.records if "cannot open shared memory" in r.getMessage()]
+    assert len(said) == 1 and "no-such-fd" in said[0]
+    assert len(reading.BUFFERS) <= 1  # no buffer made once the readers could not open one
+
+
+def test_a_lent_buffer_serves_one_batch_at_a_time():
+    buffers = reading.BatchBuffers()
+    with buffers.lend((4, 2, 8, 8), FLOAT32) as a, buffers.lend((4, 2, 8, 8), FLOAT32) as b:
+        assert a is not b and a.x.shape == b.x.shape == (4, 2, 8, 8)
+        assert not a.x.flags.writeable  # the reader writes, the worker only reads
+    with buffers.lend((3, 2, 8, 8), FLOAT32) as c:  # a last, smaller batch fits either
+        assert c in (a, b)
+    with buffers.lend((4, 2, 8, 8), BFLOAT16) as d, buffers.lend((5, 2, 8, 8), FLOAT32) as e:
+        assert d not in (a, b) and e not in (a, b)
+    assert len(buffers) == 4
+    buffers.clear()
+    assert len(buffers) == 0
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch, precision):
     elsewhere, dtypes = [], set()
-    monkeypatch.setattr(tasks, "read_elsewhere",
-                        lambda *a: elsewhere.append(a[1]) or dtypes.add(a[-1]) or reading.read_elsewhere(*a))
+    monkeypatch.setattr(tasks, "lend_elsewhere",
+                        lambda *a: elsewhere.append(a[1]) or dtypes.add(a[-1]) or reading.lend_elsewhere(*a))
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
@@ -151,7 +206,7 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
     assert dtypes == {np.dtype(precision)}  # batches travel in the dtype the model computes in
-    assert not leftovers()
+    assert not leftovers() and len(reading.BUFFERS) == 0  # a run's buffers end with it
 
 
 @pytest.mark.parametrize("how", ["killed", "interrupted"])
