@@ -291,7 +291,6 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
             with open_client(wf.dask) as client:
                 try:
                     device = _execute(client, files, ctx, progress)
-                    client.run(reading.drop_buffers, on_error="ignore")  # a worker's batch buffers, kept per run
                 finally:
                     for job in files:  # an interrupt or a bug: no temporary survives
                         if job.sink is not None and not job.done:
@@ -437,6 +436,8 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                         fail(file, one_line(exc))
                 submit_next()
                 collect(wait=len(finishing) > 2 * publishing)
+            # Every batch is done: the workers' batch buffers go while the last files are published.
+            client.run(reading.drop_buffers, on_error="ignore")
             while finishing:
                 collect(wait=True)
     finally:  # on an interrupt: COGs not started are dropped, the one being written ends first
