@@ -168,16 +168,19 @@ def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
 
 class RssSampler:
     """Peak resident memory of a process and all its children, sampled in a thread every
-    ``interval`` s. The children are listed again only every ``relist`` s: listing them scans
-    every process on the machine, and doing it at each sample took 7% of a core here, taken
-    from the run being measured."""
+    ``interval`` s: the sum of their RSS (:attr:`peak`), and of their PSS (:attr:`peak_pss`),
+    which counts a page that several of them map once (a batch in shared memory, mapped by a
+    worker and the reader writing it, and the libraries of spawned children; Linux only, else
+    RSS). The children are listed again only every ``relist`` s: listing them scans every
+    process on the machine, and doing it at each sample took 7% of a core here, taken from the
+    run being measured."""
 
     def __init__(self, pid: int, interval: float = 0.2, relist: float = 1.0):
         import psutil
 
         self._root = psutil.Process(pid)
         self._interval, self._relist = interval, relist
-        self.peak = 0
+        self.peak = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -193,13 +196,15 @@ class RssSampler:
                 except psutil.Error:
                     return
                 listed = time.monotonic()
-            total = 0
+            rss = pss = 0
             for proc in procs:
                 try:
-                    total += proc.memory_info().rss
+                    resident = proc.memory_info().rss
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                rss += resident
+                pss += _pss(proc.pid, resident)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
@@ -209,6 +214,19 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _pss(pid: int, rss: int) -> int:
+    """A process's proportional set size in bytes (``/proc/<pid>/smaps_rollup``: about a
+    millisecond for 2 GB); ``rss`` where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss
 
 
 def own_peak_rss() -> int:
@@ -223,10 +241,11 @@ def own_peak_rss() -> int:
     return int(found.group(1)) * 1024 if found else 0
 
 
-def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], int, float]:
-    """Run ``python -m pipeline.bench <args>`` and return its JSON, peak tree RSS and wall time.
+def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], tuple[int, int], float]:
+    """Run ``python -m pipeline.bench <args>`` and return its JSON, the tree's peak RSS and PSS,
+    and wall time.
 
-    The peak is the larger of the sampled tree's and the child's own high-water mark, which
+    The RSS peak is the larger of the sampled tree's and the child's own high-water mark, which
     the kernel keeps exactly (the whole tree when, as in a local cluster of threads, the child
     is one process)."""
     t0 = time.perf_counter()
@@ -237,7 +256,8 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
     if proc.returncode != 0:
         raise RuntimeError(f"bench child {args[0]} failed ({proc.returncode}):\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    return result, max(sampler.peak, result.pop("own_peak_rss", 0)), time.perf_counter() - t0
+    own = result.pop("own_peak_rss", 0)
+    return result, (max(sampler.peak, own), sampler.peak_pss), time.perf_counter() - t0
 
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
@@ -501,7 +521,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
                                 # a whole run is many batches, some slower: against the median batch too
                                 "ratio_to_median_model_only": e2e_mpx / report["model_only"]["median_mpx_per_s"],
-                                "peak_rss_mb": e2e["peak_rss"] / 2**20, "process_wall_s": e2e["wall"],
+                                "peak_rss_mb": e2e["peak_rss"] / 2**20, "peak_pss_mb": e2e["peak_pss"] / 2**20,
+                                "process_wall_s": e2e["wall"],
                                 # how much of the run the model was the cost: host work that hides
                                 # behind it leaves this near 1 whatever the machine's speed did
                                 "model_busy_share": e2e["model_busy_share"]}
@@ -612,8 +633,8 @@ def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any
                         opts.threads, opts.readers)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
-    result, peak, wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
-    return {**result, "peak_rss": peak, "wall": wall}
+    result, (rss, pss), wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
+    return {**result, "peak_rss": rss, "peak_pss": pss, "wall": wall}
 
 
 def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
@@ -638,12 +659,14 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
         scene_dir.mkdir(exist_ok=True)
         write_scene(scene_dir / "scene.tif", size, arch[2], seed=1)
         run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts)
-        results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20, "seconds": run["seconds"],
+        results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20,
+                          "peak_pss_mb": run["peak_pss"] / 2**20, "seconds": run["seconds"],
                           "mpx_per_s": run["pixels"] / run["seconds"] / 1e6}
         (scene_dir / "scene.tif").unlink()
     return {"arch": {"depth": arch[0], "base_width": arch[1], "in_bands": arch[2], "num_classes": arch[3]},
             "note": "a narrower model than the one benchmarked, so the large scene runs in minutes",
-            **results, "large_over_small": results["large"]["peak_rss_mb"] / results["small"]["peak_rss_mb"]}
+            **results, "large_over_small": results["large"]["peak_rss_mb"] / results["small"]["peak_rss_mb"],
+            "large_over_small_pss": results["large"]["peak_pss_mb"] / results["small"]["peak_pss_mb"]}
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:
@@ -695,7 +718,9 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it)"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
-                   f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model)"),
+                   f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model); shared pages "
+                   f"counted once (PSS) {mem['small']['peak_pss_mb']:.0f} and {mem['large']['peak_pss_mb']:.0f} MB "
+                   f"(x{mem['large_over_small_pss']:.2f})"),
         ("compile", f"cold {c['cold_s']:.2f} s, warm cache (2nd process) {c['warm_s']:.2f} s "
                     f"(x{c['warm_over_cold']:.2f}; of which tracing and lowering {c['cold_lower_s']:.2f} / "
                     f"{c['warm_lower_s']:.2f} s, XLA {c['cold_xla_s']:.2f} / {c['warm_xla_s']:.2f} s)"),

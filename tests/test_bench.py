@@ -33,7 +33,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert e2e["scenes"] == 2 and e2e["pixels"] == 2 * 512**2  # two copies of the scene, both written
     assert e2e["readers"] == 2  # read in reader processes, as on an accelerator
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
-    assert e2e["peak_rss_mb"] > 50
+    assert e2e["peak_rss_mb"] > 50 and 0 < e2e["peak_pss_mb"] <= e2e["peak_rss_mb"] * 1.05
     assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
     assert e2e["ratio_to_median_model_only"] >= e2e["ratio_to_model_only"]
     paired = e2e["paired"]  # model-only batches timed in the run's own process, before and after it
@@ -44,6 +44,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
+    assert mem["large_over_small_pss"] > 0 and "counted once (PSS)" in table
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
     assert comp["cold_lower_s"] > 0 and comp["warm_xla_s"] > 0
     assert comp["cold_lower_s"] + comp["cold_xla_s"] == pytest.approx(comp["cold_s"])
@@ -96,7 +97,27 @@ def test_peak_memory_counts_a_grandchild_started_after_the_first_look(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script)])
     with bench.RssSampler(proc.pid) as sampler:
         proc.wait()
-    assert sampler.peak > 300 * 2**20
+    assert sampler.peak > 300 * 2**20 and sampler.peak_pss > 300 * 2**20
+
+
+def test_peak_memory_counts_pages_a_parent_and_its_child_share_once_in_pss(tmp_path):
+    """As a worker and its reader map the same batch: RSS counts it twice, PSS once."""
+    script = tmp_path / "shared.py"
+    script.write_text(
+        "import mmap, os, time\n"
+        "memory = mmap.mmap(-1, 300 * 2**20)\n"  # shared, anonymous
+        "def fill(byte):\n"
+        "    for start in range(0, len(memory), 2**20):\n"
+        "        memory[start : start + 2**20] = byte * 2**20\n"
+        "fill(b'x')\n"
+        "if os.fork() == 0:\n"
+        "    fill(b'y'); time.sleep(2.5); os._exit(0)\n"
+        "time.sleep(2.5); os.wait()\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    with bench.RssSampler(proc.pid, interval=0.1, relist=0.2) as sampler:
+        proc.wait()
+    assert sampler.peak > 580 * 2**20
+    assert 290 * 2**20 < sampler.peak_pss < 400 * 2**20
 
 
 def test_a_childs_own_peak_is_its_own_not_its_parents():
