@@ -121,7 +121,8 @@ class Normaliser:
         np.copyto(z, data, casting="unsafe")
         z *= gain
         z += bias
-        np.copyto(z, np.float32(0.0), where=~valid)
+        if not valid.all():  # a third of the work, for the few tiles that touch nodata
+            np.copyto(z, np.float32(0.0), where=~valid)
         return z
 
 
