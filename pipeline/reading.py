@@ -266,11 +266,12 @@ _UNSHARED: list[str] = []
 
 
 def _new_buffer(shape: tuple[int, ...], dtype: np.dtype) -> SharedBatch | None:
-    """A new :class:`SharedBatch`, or None (said once) where there is no room for one."""
+    """A new :class:`SharedBatch`, or None (said once) where none can be made: no room for
+    it, or no memfd on this system."""
     try:
         return SharedBatch.create(shape, dtype)
     except OSError as exc:
-        _cannot_share(f"no room for a batch in shared memory ({exc.strerror})")
+        _cannot_share(f"no shared memory for a batch ({exc.strerror})")
         return None
 
 

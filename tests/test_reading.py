@@ -146,7 +146,7 @@ def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path,
                                         spec.read_size) as lent:
                 np.testing.assert_array_equal(lent.x, want)
     assert leftovers() == before
-    assert len([r for r in caplog.records if "no room for a batch" in r.getMessage()]) == 1  # 4 reads, said once
+    assert len([r for r in caplog.records if "no shared memory for a batch (No space left on device)" in r.getMessage()]) == 1  # 4 reads, said once
 
 
 def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_path, monkeypatch, caplog):
