@@ -151,6 +151,19 @@ def source_window(read: Window, width: int, height: int) -> Window:
     return Window(c0, r0, c1 - c0, r1 - r0)
 
 
+def reflect_pads(read: Window, source: Window) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """How far ``read`` reaches past its ``source`` window (:func:`source_window`) on each
+    side, ``((top, bottom), (left, right))``, where numpy's reflect padding of the source gives
+    the read: the source lies inside the read and every pad is within one reflection. None
+    otherwise (a read that reflects back past its own start, or a raster narrower than the halo)."""
+    top, left = source.row_off - read.row_off, source.col_off - read.col_off
+    bottom = read.row_off + read.height - source.row_off - source.height
+    right = read.col_off + read.width - source.col_off - source.width
+    if min(top, bottom, left, right) < 0 or max(top, bottom) >= source.height or max(left, right) >= source.width:
+        return None
+    return (top, bottom), (left, right)
+
+
 def batches(items: list, size: int) -> list[list]:
     """Consecutive groups of at most ``size`` items."""
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -29,6 +29,24 @@ def test_tile_reads_equal_crops_of_the_reflected_raster(tmp_path, dtype, shape):
                 np.testing.assert_array_equal(got, ref[:, rows[0] + pad : rows[-1] + pad + 1, cols[0] + pad : cols[-1] + pad + 1])
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (33, 20), (64, 96)])
+def test_reflected_context_carries_its_validity(tmp_path, shape):
+    data = scene(*shape, bands=2, dtype="int16")
+    data[:, 0, :3] = data[:, -2:, -1] = data[:, 3, 0] = -1  # nodata on every edge
+    path = write_raster(tmp_path / "n.tif", data, nodata=-1)
+    spec = tile_spec(16, 8, 8)
+    pad = 64
+    with rasterio.open(path) as src:
+        for tile in plan_tiles(shape[1], shape[0], spec):
+            got, valid = read_tile(src, tile, [1, 2])
+            rows = np.arange(tile.read.row_off, tile.read.row_off + spec.read_size) + pad
+            cols = np.arange(tile.read.col_off, tile.read.col_off + spec.read_size) + pad
+            if min(shape) > 1:
+                want = np.pad(np.all(data != -1, axis=0), pad, mode="reflect")[np.ix_(rows, cols)]
+                np.testing.assert_array_equal(valid, want)
+                np.testing.assert_array_equal(got, np.pad(data, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")[:, rows][:, :, cols])
+
+
 def test_validity_follows_nodata_nan_and_internal_masks(tmp_path):
     data = scene(24, 24, bands=2, dtype="float32")
     data[0, 2, 3] = -9999.0

@@ -12,7 +12,9 @@ from pipeline.windows import (
     core_blocks,
     plan_tiles,
     reflect_indices,
+    reflect_pads,
     source_span,
+    source_window,
     tile_batches,
     tile_spec,
 )
@@ -45,6 +47,28 @@ def test_read_origins_sit_on_the_pooling_grid(width, height, spec):
     factor = np.gcd(spec.tile, spec.halo) if spec.halo else spec.tile
     for tile in plan_tiles(width, height, spec):
         assert tile.read.col_off % factor == 0 and tile.read.row_off % factor == 0
+
+
+@given(width=st.integers(1, 40), height=st.integers(1, 40), col=st.integers(-50, 40), row=st.integers(-50, 40),
+       side=st.integers(1, 90))
+def test_reflect_pads_pad_the_source_into_the_reflected_read(width, height, col, row, side):
+    raster = np.arange(width * height).reshape(height, width)
+    read = Window(col, row, side, side)
+    source = source_window(read, width, height)
+    pads = reflect_pads(read, source)
+    want = raster[np.ix_(reflect_indices(row, row + side, height), reflect_indices(col, col + side, width))]
+    if pads is not None:
+        inside = raster[source.row_off : source.row_off + source.height, source.col_off : source.col_off + source.width]
+        np.testing.assert_array_equal(np.pad(inside, pads, mode="reflect"), want)
+    if 0 <= col and col + side <= width and 0 <= row and row + side <= height:
+        assert pads == ((0, 0), (0, 0))  # a read inside the raster pads nothing
+
+
+@pytest.mark.parametrize("width, height", [(64, 96), (32, 16), (256, 48)])
+def test_every_tile_of_a_raster_cut_into_whole_tiles_is_padded(width, height):
+    """The fast path is the common one; a last, narrow tile may reflect past its own read."""
+    for tile in plan_tiles(width, height, tile_spec(16, 8, 8)):
+        assert reflect_pads(tile.read, source_window(tile.read, width, height)) is not None
 
 
 @given(size=st.integers(1, 50), start=st.integers(-120, 60), length=st.integers(1, 120))
