@@ -43,6 +43,9 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert paired["ratio_to_mean"] >= paired["ratio"] > 0
     assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
+    for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, and its readers
+        assert cpu["process"] > 0 and cpu["children"] > 0
+    assert "CPU per Mpx written" in table
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert mem["large_over_small_pss"] > 0 and "counted once (PSS)" in table
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
