@@ -218,7 +218,7 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
     process's GIL into shared memory of its own, which this process maps (no copy) and which
     lasts as long as the batch. Where it cannot be shared, the batch is read here."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
-    buffer = None if _UNSHARED else _new_buffer(shape, dtype)
+    buffer = _new_buffer(shape, dtype)
     try:
         return _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
     finally:
@@ -233,9 +233,6 @@ def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
     """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
     batch is valid inside it only."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
-    if _UNSHARED:
-        yield read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
-        return
     with BUFFERS.lend(shape, dtype) as buffer:
         yield _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
 
@@ -243,7 +240,8 @@ def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
                  tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser, read_size: int,
                  key: Hashable, dtype: np.dtype) -> BatchInputs:
-    """The batch read by a reader into ``buffer``, or here where there is none."""
+    """The batch read by a reader into ``buffer``, or here where there is none (or the readers
+    could not open an earlier one)."""
     if buffer is None or _UNSHARED:
         return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
     shape = (len(tiles), *buffer.shape[1:])
@@ -266,8 +264,10 @@ _UNSHARED: list[str] = []
 
 
 def _new_buffer(shape: tuple[int, ...], dtype: np.dtype) -> SharedBatch | None:
-    """A new :class:`SharedBatch`, or None (said once) where none can be made: no room for
-    it, or no memfd on this system."""
+    """A new :class:`SharedBatch`, or None where none would serve: the readers cannot open
+    one, or (said once) none can be made, for want of room or of memfd on this system."""
+    if _UNSHARED:
+        return None
     try:
         return SharedBatch.create(shape, dtype)
     except OSError as exc:
