@@ -101,6 +101,10 @@ def make_checkpoint(path: Path, arch: tuple[int, int, int, int], seed: int = 0) 
     return path
 
 
+SCENE_DTYPE = "uint16"
+"""The dtype of :func:`write_scene`'s bands, which batches of it are sent in."""
+
+
 def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 512) -> Path:
     """A ``size`` x ``size`` uint16 GeoTIFF (tiled 256, deflate) written strip by strip, so the
     whole scene is never in memory."""
@@ -111,7 +115,7 @@ def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 5
 
     rng = np.random.default_rng(seed)
     freqs = rng.uniform(0.005, 0.05, (bands, 2))
-    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint16", tiled=True,
+    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype=SCENE_DTYPE, tiled=True,
                    blockxsize=256, blockysize=256, compress="deflate", crs=CRS.from_epsg(32633),
                    transform=from_origin(500000.0, 4650000.0, 10.0, 10.0))
     xx = np.arange(size, dtype=np.float32)[None, :]
@@ -291,7 +295,7 @@ def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int
     ckpt = load_checkpoint(checkpoint)
     predictor = Predictor(ckpt, tile_spec(tile, halo, ckpt.card.unet.factor), batch, precision=precision)
     t0 = time.perf_counter()
-    lowered = predictor.lower()
+    lowered = predictor.lower(SCENE_DTYPE)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
@@ -312,11 +316,14 @@ def _no_model(predictor: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
+    from pipeline.infer import normalise
+
     lo, hi = predictor.spec.halo, predictor.spec.halo + predictor.spec.tile
 
     @jax.jit
-    def forward(state: Any, x: jax.Array) -> tuple[jax.Array, ...]:
-        classes = (x[:, 0, lo:hi, lo:hi] > 0).astype(jnp.uint8)
+    def forward(state: Any, x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) -> tuple[jax.Array, ...]:
+        x, valid = x[:, :1, lo:hi, lo:hi], valid[:, lo:hi, lo:hi]
+        classes = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.uint8)
         outputs = (classes,)
         if predictor.confidence:
             outputs += (jnp.full_like(classes, 100),)
@@ -348,13 +355,13 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     spec = tile_spec(wf.tiling.tile, wf.tiling.halo, card.unet.factor)
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
-    predictor.compile()
+    predictor.compile(SCENE_DTYPE)
     readers = resolve_readers(wf.runtime.readers, wf.dask.threads)  # as the local cluster's one worker will
     start_readers(readers)  # started before the run, like the model
     start_finishers(resolve_finishers(wf.runtime.finishers, jax.default_backend()))  # as the run will at its first batch
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
-        predictor(np.zeros(predictor.input_shape, predictor.input_dtype))
+        predictor(np.zeros(predictor.input_shape, SCENE_DTYPE))
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -393,7 +400,7 @@ def _model_batches(predictor: Any, wf: Any, card: Any, spec: Any, runs: int = 3)
     import jax
 
     scene = sorted(Path(wf.input.dir).glob("*.tif"))[0]
-    x = predictor.put(_scene_batch(scene, spec, predictor.batch, card))
+    x = predictor.put(*_scene_batch(scene, spec, predictor.batch, card))
     jax.block_until_ready(predictor.forward(x))
     return lambda: _times(lambda: jax.block_until_ready(predictor.forward(x)), 0.0, runs)
 
@@ -475,7 +482,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         echo(f"matmul {precision} {n}^3: XLA {mm['xla_gflops']:.1f} GFLOP/s"
              + (f", NumPy {mm['numpy_gflops']:.1f} GFLOP/s" if mm["numpy_gflops"] else ""))
 
-        # The scene, and real normalised tiles of it for the model-only and precision runs.
+        # The scene, and real tiles of it, as read, for the model-only and precision runs.
         scene_dir = work / "scene"
         scene_dir.mkdir(exist_ok=True)
         scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands)
@@ -485,7 +492,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
         predictor = Predictor(ckpt, spec, batch, precision=precision)
         batch = predictor.batch  # rounded up to the device count
-        x = predictor.put(inputs)
+        x = predictor.put(*inputs)
         reference = np.asarray(predictor.forward(x)[0])
         times = _times(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
         t = min(times)
@@ -505,7 +512,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
              + (" tile by tile" if predictor.sequential else ""))
         if predictor.sequential:  # what the batch taken at once gives, for comparison
             batched = Predictor(ckpt, spec, batch, precision=precision, sequential=False)
-            xb = batched.put(inputs)
+            xb = batched.put(*inputs)
             tb = _best_time(lambda: jax.block_until_ready(batched.forward(xb)), opts.min_seconds)
             report["model_only"]["batched_mpx_per_s"] = out_px / tb / 1e6
             report["model_only"]["batched_class_agreement"] = float(
@@ -571,8 +578,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             tmp.cleanup()
 
 
-def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
-    """The first ``batch`` tiles of ``scene``, read and normalised as a worker does."""
+def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The first ``batch`` tiles of ``scene`` as a worker reads them (values and validity), and
+    the normaliser the device applies to them: :meth:`pipeline.infer.Predictor.put`'s arguments."""
     import rasterio
 
     from pipeline.io import Normaliser
@@ -583,11 +591,11 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> np.ndarray:
     normaliser = Normaliser((1 / 10000,) * len(bands), (0.0,) * len(bands), card.mean, card.std)
     with rasterio.open(scene) as src:
         tiles = plan_tiles(src.width, src.height, spec)
-    return read_tiles(str(scene), [tiles[i % len(tiles)] for i in range(batch)], bands, normaliser,
-                      spec.read_size).x
+    read = read_tiles(str(scene), [tiles[i % len(tiles)] for i in range(batch)], bands, spec.read_size)
+    return read.x, read.valid, normaliser
 
 
-def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: np.ndarray, precision: str,
+def _precision(ckpt: Any, spec: Any, batch: int, inputs: tuple, reference: np.ndarray, precision: str,
                opts: BenchOptions, fpp: int) -> dict[str, Any]:
     """The other precision on the same batch: class agreement with ``reference`` (the classes
     at ``precision``, already computed) and its speed."""
@@ -597,7 +605,7 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: 
 
     other = "bfloat16" if precision == "float32" else "float32"
     p = Predictor(ckpt, spec, batch, precision=other)
-    x = p.put(inputs)
+    x = p.put(*inputs)
     agreement = float((np.asarray(p.forward(x)[0]) == reference).mean())
     seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2)
     return {"compute": precision, "other": other, "class_agreement": agreement,
@@ -605,13 +613,14 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: np.ndarray, reference: 
             "other_gflops": batch * spec.read_size**2 * fpp / seconds / 1e9}
 
 
-def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts: BenchOptions,
+def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: BenchOptions,
            fpp: int, precision: str) -> dict[str, Any]:
     """The PyTorch twin on the same batch: eager, channels-last, inference mode, in the same
     precision, on the GPU when JAX runs on one; timed as one batch and tile by tile, the
     faster being its figure."""
     import jax
 
+    from pipeline.infer import normalise
     from pipeline.torch_unet import torch_available, torch_classes, torch_input, torch_unet_from_flax
 
     if not torch_available():
@@ -620,7 +629,8 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     net = torch_unet_from_flax(ckpt.model).to(device=device, dtype=getattr(torch, precision))
-    x = torch_input(net, inputs)
+    values, valid, normaliser = inputs
+    x = torch_input(net, np.asarray(normalise(values, valid, *normaliser.gain_bias)))
     tiles = [x[i:i + 1] for i in range(len(x))]
     lo, hi = spec.halo, spec.halo + spec.tile
     classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]
@@ -628,7 +638,7 @@ def _torch(ckpt: Any, inputs: np.ndarray, reference: np.ndarray, spec: Any, opts
     batch_t = _best_time(lambda: torch_classes(net, x), opts.min_seconds)
     tile_t = _best_time(lambda: [torch_classes(net, tile) for tile in tiles], opts.min_seconds)
     t = min(batch_t, tile_t)
-    n = inputs.shape[0]
+    n = len(values)
     return {"available": True, "version": torch.__version__, "device": device, "dtype": precision,
             "threads": torch.get_num_threads(),
             "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,

@@ -241,25 +241,29 @@ class ChunkReader:
         """Bytes a cached pixel takes: the bands' values, and their masks where GDAL has any."""
         return self.value_bytes + (len(self.bands) if self.masked else 0)
 
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
-        """The bands of ``window`` (inside the raster) and GDAL's per-band masks of it (None
-        when no band has nodata, an internal mask or alpha), assembled from chunks."""
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the bands are read in: their common type."""
+        return np.result_type(*(self.src.dtypes[b - 1] for b in self.bands))
+
+    def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The bands of ``window`` (inside the raster), assembled from chunks into ``out``
+        (cast to its dtype) or a new array, and GDAL's per-band masks of it (None when no band
+        has nodata, an internal mask or alpha)."""
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
-        data = valid = None
+        data = np.empty((len(self.bands), h, w), self.dtype) if out is None else out
+        valid = np.empty((len(self.bands), h, w), np.uint8) if self.masked else None
         for i, j in self.grid.covering(window):
             area = self.grid.window(i, j)
             chunk = self.cache.get((self.key, self.bands, i, j), lambda area=area: self._load(area))
-            if data is None:
-                data = np.empty((len(self.bands), h, w), chunk.values.dtype)
-                valid = np.empty((len(self.bands), h, w), np.uint8) if self.masked else None
             top, bottom = max(r0, area.row_off), min(r0 + h, area.row_off + area.height)
             left, right = max(c0, area.col_off), min(c0 + w, area.col_off + area.width)
-            out = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
+            at = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
             part = np.s_[:, top - area.row_off : bottom - area.row_off, left - area.col_off : right - area.col_off]
-            data[out] = chunk.values[part]
+            data[at] = chunk.values[part]
             if valid is not None:
-                valid[out] = chunk.masks[part]
+                valid[at] = chunk.masks[part]
         return data, valid
 
     def _load(self, area: Window) -> Chunk:

@@ -11,8 +11,10 @@ With several devices visible the batch is sharded across them along its first ax
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
 is rounded up to a multiple of the device count, and a batch smaller than the device count
 uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
-bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units); in bfloat16
-the batch is also read and sent in bfloat16 (:func:`input_dtype`). On CPU each
+bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units). A batch
+arrives as read: the input's own values (uint16 as uint16: no more bytes than bfloat16) and
+where they are valid; the compiled pass normalises them (:func:`normalise`), so the host does
+no arithmetic on them, and the normaliser's gain and bias are arguments, not constants. On CPU each
 device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
 one tile's activations stay in the CPU's caches, which measured faster than the batched
 pass on the development machine, and tilepipe starts one CPU device per core
@@ -48,7 +50,7 @@ from unet_flax.model import fold_batch_norm
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
-FORWARD_VERSION = 4  # bump when the compiled forward changes in a way that moves the best batch
+FORWARD_VERSION = 5  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -76,12 +78,11 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def input_dtype(precision: str) -> np.dtype:
-    """The dtype a batch is read into and sent to the device in: bfloat16 where the model
-    computes in it (its first step casts the input to that dtype, so the classes are the same,
-    and the batch's bytes on the host, in transit and in shared memory are halved), float32
-    otherwise (``auto`` included: resolve it first)."""
-    return np.dtype(jnp.bfloat16) if precision == "bfloat16" else np.dtype(np.float32)
+def normalise(x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) -> jax.Array:
+    """Model inputs (n, bands, S, S) in float32 from a batch as read: ``x * gain + bias`` per
+    band (:class:`pipeline.io.Normaliser`), 0 (the mean) where ``valid`` (n, S, S) is not set."""
+    z = x.astype(jnp.float32) * gain[:, None, None] + bias[:, None, None]
+    return jnp.where(valid[:, None], z, jnp.float32(0))
 
 
 def resolve_readers(readers: int | str, threads: int | None = None, backend: str | None = None) -> int:
@@ -136,23 +137,26 @@ class Predictor:
         self.devices = tuple(devices if devices is not None else jax.devices())[:max(batch, 1)]
         backend = self.devices[0].platform
         self.precision = resolve_precision(precision, backend)
-        self.input_dtype = input_dtype(self.precision)
         n = len(self.devices)
         self.sequential = backend == "cpu" if sequential is None else sequential
         self.batch = -(-batch // n) * n
         self.input_shape = (self.batch, checkpoint.card.unet.in_bands, spec.read_size, spec.read_size)
         mesh = Mesh(np.array(self.devices), ("data",))
         self.input_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
+        self._replicated = replicated = NamedSharding(mesh, PartitionSpec())
+        bands = checkpoint.card.unet.in_bands
+        self._identity = (np.ones(bands, np.float32), np.zeros(bands, np.float32))
+        self._scales: dict[Any, tuple[jax.Array, jax.Array]] = {}
         graphdef, state = nnx.split(fold_batch_norm(checkpoint.model))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
         lo, hi = spec.halo, spec.halo + spec.tile
         dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
 
-        def predict(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, ...]:
+        def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
+                    bias: jax.Array) -> tuple[jax.Array, ...]:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
-            x = jnp.moveaxis(x, 1, -1)  # bands arrive first, as read; the model takes them last
+            x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
             logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
@@ -163,18 +167,23 @@ class Predictor:
                     outputs += (jnp.round(100 * probs).astype(jnp.uint8),)
             return outputs
 
-        def tile_by_tile(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
+        def tile_by_tile(state: nnx.State, x: jax.Array, valid: jax.Array, gain: jax.Array,
+                         bias: jax.Array) -> tuple[jax.Array, ...]:
             """One device's share of the batch, one tile after another."""
             model = nnx.merge(graphdef, state)
-            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[None])), x)
+            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[0][None], tile[1][None],
+                                                                            gain, bias)), (x, valid))
 
-        @functools.partial(jax.jit, in_shardings=(replicated, self.input_sharding),
-                           out_shardings=self.input_sharding)
-        def forward(state: nnx.State, x: jax.Array) -> tuple[jax.Array, ...]:
+        batched, shared = self.input_sharding, replicated
+
+        @functools.partial(jax.jit, in_shardings=(shared, batched, batched, shared, shared), out_shardings=batched)
+        def forward(state: nnx.State, x: jax.Array, valid: jax.Array, gain: jax.Array,
+                    bias: jax.Array) -> tuple[jax.Array, ...]:
             if sequential_tiles:
-                return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
-                                     out_specs=PartitionSpec("data"), check_vma=False)(state, x)
-            return predict(nnx.merge(graphdef, state), x)
+                split, whole = PartitionSpec("data"), PartitionSpec()
+                return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(whole, split, split, whole, whole),
+                                     out_specs=split, check_vma=False)(state, x, valid, gain, bias)
+            return predict(nnx.merge(graphdef, state), x, valid, gain, bias)
 
         self._forward = forward
         # On CPU one batch already keeps every core busy: a second one at the same time (from
@@ -182,41 +191,63 @@ class Predictor:
         # turns. Accelerators queue batches on the device anyway and keep the overlap.
         self._turns = threading.Lock() if backend == "cpu" else contextlib.nullcontext()
 
-    def pad(self, x: np.ndarray) -> np.ndarray:
-        """``n <= batch`` tiles (n, bands, S, S) padded with zeros to the compiled shape and dtype."""
+    def pad(self, x: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``n <= batch`` tiles (n, bands, S, S) and where they are valid (n, S, S; None: everywhere),
+        padded with invalid zeros to the compiled shape."""
         n = x.shape[0]
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
+        valid = np.ones((n, *x.shape[2:]), bool) if valid is None else valid
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-        return x.astype(self.input_dtype, copy=False)
+            valid = np.concatenate([valid, np.zeros((self.batch - n, *valid.shape[1:]), bool)])
+        return x, valid
 
-    def put(self, x: np.ndarray) -> jax.Array:
-        """A padded batch on the device(s), sharded as the forward pass expects."""
-        return jax.device_put(self.pad(x), self.input_sharding)
+    def put(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None) -> tuple[jax.Array, ...]:
+        """A padded batch as read on the device(s), sharded as the forward pass expects, with the
+        gain and bias of ``normaliser`` (a :class:`pipeline.io.Normaliser`; None: ``x`` is normalised
+        already)."""
+        x, valid = self.pad(x, valid)
+        return (jax.device_put(x, self.input_sharding), jax.device_put(valid, self.input_sharding),
+                *self._scale(normaliser))
 
-    def forward(self, x: jax.Array | np.ndarray) -> tuple[jax.Array, ...]:
-        """The compiled forward pass on a full batch; returns without waiting (async dispatch)."""
-        return self._forward(self._state, x)
+    def _scale(self, normaliser: Any) -> tuple[jax.Array, jax.Array]:
+        """``normaliser``'s gain and bias on the device(s), put there once."""
+        scale = self._scales.get(normaliser)
+        if scale is None:
+            gain_bias = self._identity if normaliser is None else normaliser.gain_bias
+            scale = self._scales[normaliser] = tuple(jax.device_put(gain_bias, self._replicated))
+        return scale
 
-    def __call__(self, x: np.ndarray) -> Prediction:
-        """Predict ``n <= batch`` tiles of shape (n, bands, S, S); the batch is padded."""
+    def forward(self, batch: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """The compiled forward pass on a full batch from :meth:`put`; returns without waiting
+        (async dispatch)."""
+        return self._forward(self._state, *batch)
+
+    def __call__(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None) -> Prediction:
+        """Predict ``n <= batch`` tiles of shape (n, bands, S, S), as :meth:`put` takes them; the
+        batch is padded."""
         n = x.shape[0]
         with self._turns:
             start = time.perf_counter()
-            outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x))])
+            outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x, valid, normaliser))])
             span = (start, time.perf_counter())
         return Prediction(next(outputs), span, next(outputs) if self.confidence else None,
                           next(outputs) if self.probabilities else None)
 
-    def lower(self) -> Any:
-        """Trace and lower the forward pass for the batch shape (Python work no cache keeps)."""
-        x = jax.ShapeDtypeStruct(self.input_shape, self.input_dtype, sharding=self.input_sharding)
-        return self._forward.lower(self._state, x)
+    def lower(self, dtype: Any = np.float32) -> Any:
+        """Trace and lower the forward pass for the batch shape, its values in ``dtype`` (Python
+        work no cache keeps)."""
+        bands = self.input_shape[1]
+        x = jax.ShapeDtypeStruct(self.input_shape, np.dtype(dtype), sharding=self.input_sharding)
+        valid = jax.ShapeDtypeStruct((self.batch, *self.input_shape[2:]), np.dtype(bool), sharding=self.input_sharding)
+        scale = jax.ShapeDtypeStruct((bands,), np.dtype(np.float32), sharding=self._replicated)
+        return self._forward.lower(self._state, x, valid, scale, scale)
 
-    def compile(self) -> Any:
-        """Lower and compile the forward pass for the batch shape (uses the persistent cache)."""
-        return self.lower().compile()
+    def compile(self, dtype: Any = np.float32) -> Any:
+        """Lower and compile the forward pass for the batch shape, its values in ``dtype`` (uses
+        the persistent cache)."""
+        return self.lower(dtype).compile()
 
     def compiled_count(self) -> int:
         """How many shapes the forward pass has been compiled for (1 after any use)."""

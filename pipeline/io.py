@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,11 @@ def inspect_raster(path: InputPath, bands: list[int]) -> RasterInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Normaliser:
-    """``(raw * scale + offset - mean) / std`` per band; invalid pixels become 0 (the mean)."""
+    """``(raw * scale + offset - mean) / std`` per band; invalid pixels become 0 (the mean).
+
+    Applied on the device, in the compiled forward pass (:class:`pipeline.infer.Predictor`):
+    batches travel as the input's own values, so the host does no arithmetic on them.
+    """
 
     scale: tuple[float, ...]
     offset: tuple[float, ...]
@@ -102,33 +107,27 @@ class Normaliser:
     std: tuple[float, ...]
 
     @functools.cached_property
-    def _gain_bias(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-band ``scale / std`` and ``(offset - mean) / std``, shaped (bands, 1, 1); once, not per tile."""
-        shape = (-1, 1, 1)
-        scale, offset, mean, std = (np.asarray(v, np.float32).reshape(shape)
-                                    for v in (self.scale, self.offset, self.mean, self.std))
+    def gain_bias(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-band ``scale / std`` and ``(offset - mean) / std`` (float32): the normalised value
+        is ``raw * gain + bias``."""
+        scale, offset, mean, std = (np.asarray(v, np.float32) for v in (self.scale, self.offset, self.mean, self.std))
         return scale / std, (offset - mean) / std
 
-    def __call__(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(bands, rows, cols) raw values -> the same layout in float32, written into ``out``
-        (a new array if None) with no other copy.
 
-        Bands stay first: interleaving them here cost more than ten times the arithmetic, and
-        the compiled forward pass moves them last for free.
-        """
-        gain, bias = self._gain_bias
-        z = np.empty(data.shape, np.float32) if out is None else out
-        np.copyto(z, data, casting="unsafe")
-        z *= gain
-        z += bias
-        if not valid.all():  # a third of the work, for the few tiles that touch nodata
-            np.copyto(z, np.float32(0.0), where=~valid)
-        return z
+def wire_dtype(dtypes: Sequence[str]) -> np.dtype:
+    """The dtype a batch of bands of ``dtypes`` is read into and sent to the device in: their
+    common integer type where it has at most 16 bits (their values exactly, in no more bytes
+    than bfloat16), float32 otherwise (which the host's normalising cast to anyway)."""
+    common = np.result_type(*dtypes)
+    if np.issubdtype(common, np.integer) and common.itemsize <= 2:
+        return common
+    return np.dtype(np.float32)
 
 
-def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int],
-              reader: ChunkReader | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S).
+def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int], reader: ChunkReader | None = None,
+              out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S); the pixels
+    written into ``out`` (cast to its dtype) where given, with no copy beside it.
 
     Context beyond the raster is reflected; a pixel is valid when every band's dataset
     mask (nodata value, internal mask or alpha) says so and its value is finite. The pixels
@@ -137,18 +136,50 @@ def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int],
     """
     read, source = tile.read, source_window(tile.read, src.width, src.height)
     reader = ChunkReader.of(src, bands) if reader is None else reader
-    data, masks = reader.read(source)
+    inside = (source.height, source.width) == (read.height, read.width)
+    pads = ((0, 0), (0, 0)) if inside else reflect_pads(read, source)
+    if pads is None:  # reflected back past its own start: gathered by reflected indices
+        data, masks = reader.read(source)
+        valid = _validity(data, masks)
+        rows = reflect_indices(read.row_off, read.row_off + read.height, src.height) - source.row_off
+        cols = reflect_indices(read.col_off, read.col_off + read.width, src.width) - source.col_off
+        data, valid = data.take(rows, axis=1).take(cols, axis=2), valid.take(rows, axis=0).take(cols, axis=1)
+        if out is None:
+            return data, valid
+        np.copyto(out, data, casting="unsafe")
+        return out, valid
+    (top, bottom), (left, right) = pads
+    if out is None:
+        out = np.empty((len(bands), read.height, read.width), reader.dtype)
+    region = out[:, top : out.shape[1] - bottom, left : out.shape[2] - right]
+    _, masks = reader.read(source, out=region)
+    valid = _validity(region, masks)
+    if inside:
+        return out, valid
+    reflect_in_place(out, pads)  # numpy's reflect padding, without a padded copy
+    return out, np.pad(valid, pads, mode="reflect")
+
+
+def _validity(data: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+    """Where every band's mask is set and, for floats, every band's value is finite."""
     valid = np.ones(data.shape[1:], bool) if masks is None else np.all(masks > 0, axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.all(np.isfinite(data), axis=0)
-    if (source.height, source.width) == (read.height, read.width):  # inside the raster: nothing to reflect
-        return data, valid
-    pads = reflect_pads(read, source)
-    if pads is not None:  # numpy's padding: 3-4 times faster than gathering reflected indices
-        return np.pad(data, ((0, 0), *pads), mode="reflect"), np.pad(valid, pads, mode="reflect")
-    rows = reflect_indices(read.row_off, read.row_off + read.height, src.height) - source.row_off
-    cols = reflect_indices(read.col_off, read.col_off + read.width, src.width) - source.col_off
-    return data.take(rows, axis=1).take(cols, axis=2), valid.take(rows, axis=0).take(cols, axis=1)
+    return valid
+
+
+def reflect_in_place(data: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """Fill the margins ``pads`` (rows, then columns) of ``data`` (bands, rows, cols) by
+    reflecting what they enclose, as ``np.pad(inner, ((0, 0), *pads), mode="reflect")`` would;
+    each pad must be shorter than what it reflects."""
+    for axis, (before, after) in ((1, pads[0]), (2, pads[1])):
+        moved = np.moveaxis(data, axis, 0)
+        size = moved.shape[0]
+        if before:
+            moved[:before] = moved[2 * before : before : -1]
+        if after:
+            end = size - after
+            moved[end:] = np.flip(moved[end - 1 - after : end - 1], axis=0)
 
 
 def raster_sha256(path: InputPath) -> str:

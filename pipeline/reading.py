@@ -1,5 +1,9 @@
 """Reading a batch of tiles: in the worker's own threads, or in reader processes beside it.
 
+A batch is the input's values as read, in their wire dtype (:func:`pipeline.io.wire_dtype`:
+uint16 stays uint16), and where they are valid; the compiled forward pass normalises it, so
+neither a reader nor the worker does arithmetic on it.
+
 A worker's threads share one cache of decoded chunks (:data:`CHUNKS`). On a CPU host that is
 enough: the model is the cost. On an accelerator the host is the cost, and one Python process
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
@@ -31,7 +35,7 @@ from rasterio.windows import Window
 
 from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader
-from pipeline.io import Normaliser, read_tile
+from pipeline.io import read_tile, wire_dtype
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
 
@@ -40,46 +44,42 @@ LOG = logging.getLogger(__name__)
 CHUNKS = ChunkCache()
 """Decoded chunks of inputs, shared by the threads of this process."""
 
-FLOAT32 = np.dtype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class BatchInputs:
-    """One batch read and normalised: model inputs (n, bands, S, S), in the dtype the model
-    takes them in, and each core's validity."""
+    """One batch read: the input's values (n, bands, S, S) in its wire dtype
+    (:func:`pipeline.io.wire_dtype`), where they are valid (n, S, S), and each core's
+    validity. The device normalises them (:class:`pipeline.io.Normaliser`)."""
 
     x: np.ndarray
+    valid: np.ndarray
     masks: tuple[np.ndarray, ...]
 
 
-def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser,
-               read_size: int, key: Hashable = None, out: np.ndarray | None = None,
-               dtype: np.dtype = FLOAT32, keep: bool = True) -> BatchInputs:
-    """Read and normalise ``tiles`` of ``path``, each straight into its slot of the batch
-    (``out`` if given, else a new array of ``dtype``); with ``key``, through :data:`CHUNKS`,
-    sized for batches like this one, or (not ``keep``) for this batch alone, whose chunks and
-    GDAL's blocks are then let go. A batch of another dtype than float32 (bfloat16) is
-    normalised tile by tile in float32, then rounded into its slot."""
-    x = np.empty((len(tiles), len(bands), read_size, read_size), dtype) if out is None else out
-    scratch = None if x.dtype == FLOAT32 else np.empty(x.shape[1:], FLOAT32)
+def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable = None,
+               out: np.ndarray | None = None, valid: np.ndarray | None = None, dtype: np.dtype | None = None,
+               keep: bool = True) -> BatchInputs:
+    """Read ``tiles`` of ``path``, each straight into its slot of the batch (``out`` and
+    ``valid`` if given, else new arrays; in ``dtype``, by default the input's wire dtype);
+    with ``key``, through :data:`CHUNKS`, sized for batches like this one, or (not ``keep``)
+    for this batch alone, whose chunks and GDAL's blocks are then let go."""
     masks = []
     with rasterio.open(path) as src:
+        if out is None:
+            dtype = wire_dtype([src.dtypes[b - 1] for b in bands]) if dtype is None else dtype
+            out = np.empty((len(tiles), len(bands), read_size, read_size), dtype)
+        valid = np.empty((len(tiles), read_size, read_size), bool) if valid is None else valid
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
         if key is not None:
             CHUNKS.resize(_chunk_budget(reader, tiles, keep), key)
         try:
             with contextlib.nullcontext() if keep else rasterio.Env(GDAL_CACHEMAX=reader.gdal_cache_bytes):
                 for i, tile in enumerate(tiles):
-                    data, valid = read_tile(src, tile, list(bands), reader)
-                    if scratch is None:
-                        normaliser(data, valid, out=x[i])
-                    else:
-                        x[i] = normaliser(data, valid, out=scratch)
-                    masks.append(core_mask(valid, tile))
+                    _, valid[i] = read_tile(src, tile, list(bands), reader, out=out[i])
+                    masks.append(core_mask(valid[i], tile))
         finally:
             if not keep and key is not None:
                 CHUNKS.forget(key)
-    return BatchInputs(x, tuple(masks))
+    return BatchInputs(out, valid, tuple(masks))
 
 
 def _chunk_budget(reader: ChunkReader, tiles: Sequence[Tile], keep: bool) -> int:
@@ -122,11 +122,12 @@ def start_readers(processes: int) -> None:
 @dataclasses.dataclass(frozen=True, eq=False)
 class SharedBatch:
     """Memory a reader process writes a batch into and this process maps: an anonymous file
-    (``memfd``, so no name is ever left behind) that readers open through ``/proc``."""
+    (``memfd``, so no name is ever left behind) that readers open through ``/proc``. It holds
+    the batch's values, then where they are valid (:func:`_views`)."""
 
     fd: int
     shape: tuple[int, ...]
-    """(tiles, bands, S, S) it holds."""
+    """(tiles, bands, S, S) of values it holds."""
     dtype: np.dtype
 
     @classmethod
@@ -137,7 +138,7 @@ class SharedBatch:
             raise OSError(errno.ENOSYS, "no memfd_create on this system")
         fd = os.memfd_create("tilepipe-batch", os.MFD_CLOEXEC)
         try:
-            _reserve(fd, math.prod(shape) * dtype.itemsize)
+            _reserve(fd, _size(shape, dtype))
         except BaseException:
             os.close(fd)
             raise
@@ -149,14 +150,29 @@ class SharedBatch:
         return f"/proc/{os.getpid()}/fd/{self.fd}"
 
     @functools.cached_property
-    def x(self) -> np.ndarray:
-        """This process's (read-only) mapping, made on first use and kept."""
-        memory = mmap.mmap(self.fd, math.prod(self.shape) * self.dtype.itemsize, mmap.MAP_SHARED, mmap.PROT_READ)
-        return np.frombuffer(memory, self.dtype).reshape(self.shape)
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """This process's (read-only) mapping of the values and the validity, made on first
+        use and kept."""
+        memory = mmap.mmap(self.fd, _size(self.shape, self.dtype), mmap.MAP_SHARED, mmap.PROT_READ)
+        return _views(memory, self.shape, self.dtype)
 
     def close(self) -> None:
-        """Close the file; its memory goes with the last view of :attr:`x`."""
+        """Close the file; its memory goes with the last view of :attr:`arrays`."""
         os.close(self.fd)
+
+
+def _size(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Bytes of a batch of ``shape`` values of ``dtype`` and its validity."""
+    n, _, rows, cols = shape
+    return math.prod(shape) * dtype.itemsize + n * rows * cols
+
+
+def _views(memory: mmap.mmap, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The values (``shape``, ``dtype``) and validity (tiles, S, S) laid out in ``memory``."""
+    n, _, rows, cols = shape
+    values = math.prod(shape)
+    return (np.frombuffer(memory, dtype, values).reshape(shape),
+            np.frombuffer(memory, bool, n * rows * cols, offset=values * dtype.itemsize).reshape(n, rows, cols))
 
 
 class BatchBuffers:
@@ -212,15 +228,15 @@ class NoSharedBatch(Exception):
 
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
-                   bands: Sequence[int], normaliser: Normaliser, read_size: int,
-                   key: Hashable = None, dtype: np.dtype = FLOAT32) -> BatchInputs:
+                   bands: Sequence[int], read_size: int, key: Hashable = None,
+                   dtype: np.dtype | None = None) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
     process's GIL into shared memory of its own, which this process maps (no copy) and which
     lasts as long as the batch. Where it cannot be shared, the batch is read here."""
-    shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
+    shape, dtype = (len(tiles), len(bands), read_size, read_size), _wire(path, bands, dtype)
     buffer = _new_buffer(shape, dtype)
     try:
-        return _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
+        return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
     finally:
         if buffer is not None:
             buffer.close()  # its mapping holds the memory
@@ -228,25 +244,24 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 
 @contextlib.contextmanager
 def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
-                   bands: Sequence[int], normaliser: Normaliser, read_size: int,
-                   key: Hashable = None, dtype: np.dtype = FLOAT32) -> Iterator[BatchInputs]:
+                   bands: Sequence[int], read_size: int, key: Hashable = None,
+                   dtype: np.dtype | None = None) -> Iterator[BatchInputs]:
     """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
     batch is valid inside it only."""
-    shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
+    shape, dtype = (len(tiles), len(bands), read_size, read_size), _wire(path, bands, dtype)
     with BUFFERS.lend(shape, dtype) as buffer:
-        yield _read_shared(pool, buffer, path, tiles, bands, normaliser, read_size, key, dtype)
+        yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
 
 
 def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
-                 tiles: Sequence[Tile], bands: Sequence[int], normaliser: Normaliser, read_size: int,
-                 key: Hashable, dtype: np.dtype) -> BatchInputs:
+                 tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable,
+                 dtype: np.dtype) -> BatchInputs:
     """The batch read by a reader into ``buffer``, or here where there is none (or the readers
     could not open an earlier one)."""
     if buffer is None or _UNSHARED:
-        return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
-    shape = (len(tiles), *buffer.shape[1:])
+        return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
     try:
-        masks = pool.submit(_read_into, buffer.path, shape, dtype, path, tuple(tiles), tuple(bands), normaliser,
+        masks = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles), tuple(bands),
                             read_size, key).result()
     except BrokenProcessPool:
         children.drop(pool)
@@ -254,9 +269,18 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     except NoSharedBatch as exc:
         _UNSHARED.append(str(exc))
         _cannot_share(f"reader processes cannot open shared memory ({exc})")
-        return read_tiles(path, tiles, bands, normaliser, read_size, key, dtype=dtype)
-    return BatchInputs(buffer.x[: len(tiles)], tuple(_all_valid(t.core.height, t.core.width) if m is None else m
-                                                     for m, t in zip(masks, tiles)))
+        return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
+    x, valid = buffer.arrays
+    return BatchInputs(x[: len(tiles)], valid[: len(tiles)],
+                       tuple(_all_valid(t.core.height, t.core.width) if m is None else m for m, t in zip(masks, tiles)))
+
+
+def _wire(path: str, bands: Sequence[int], dtype: np.dtype | None) -> np.dtype:
+    """``dtype``, or where None the wire dtype of ``path``'s ``bands``."""
+    if dtype is None:
+        with rasterio.open(path) as src:
+            return wire_dtype([src.dtypes[b - 1] for b in bands])
+    return np.dtype(dtype)
 
 
 _UNSHARED: list[str] = []
@@ -302,23 +326,23 @@ def _cannot_share(reason: str) -> None:
 
 
 def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
-               bands: tuple[int, ...], normaliser: Normaliser, read_size: int,
-               key: Hashable) -> tuple[np.ndarray | None, ...]:
-    """A reader process's task: the batch into the shared file ``target``; each core's mask
-    returned, None where every pixel is valid. Nothing is kept for the next batch: among many
-    readers, a reader's next batch is seldom beside this one, and sixteen readers each keeping a
-    batch's chunks held a gigabyte."""
-    size = math.prod(shape) * dtype.itemsize
+               bands: tuple[int, ...], read_size: int, key: Hashable) -> tuple[np.ndarray | None, ...]:
+    """A reader process's task: the batch into the first tiles of the shared file ``target``
+    (a :class:`SharedBatch` of ``shape``); each core's mask returned, None where every pixel
+    is valid. Nothing is kept for the next batch: among many readers, a reader's next batch is
+    seldom beside this one, and sixteen readers each keeping a batch's chunks held a gigabyte."""
     try:
         fd = os.open(target, os.O_RDWR)
     except OSError as exc:
         raise NoSharedBatch(f"{target}: {exc.strerror}") from None
     try:  # mapped with its pages at once: writing through faults would take ~45 ms a batch
-        memory = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        memory = mmap.mmap(fd, _size(shape, dtype), mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
-    out = np.frombuffer(memory, dtype).reshape(shape)
-    masks = read_tiles(path, tiles, bands, normaliser, read_size, key, out=out, keep=False).masks
-    del out
+    x, valid = _views(memory, shape, dtype)
+    n = len(tiles)
+    masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False).masks
+    sent = tuple(None if m.all() else m.copy() for m in masks)  # the masks are views of the validity
+    del x, valid, masks
     memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
-    return tuple(None if m.all() else m for m in masks)
+    return sent

@@ -39,7 +39,14 @@ from pipeline import outputs, reading
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import backend_of, resolve_batch
-from pipeline.io import GdalPath, InputPath, Normaliser, RasterInfo, inspect_raster
+from pipeline.io import (
+    GdalPath,
+    InputPath,
+    Normaliser,
+    RasterInfo,
+    inspect_raster,
+    wire_dtype,
+)
 from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key
 from pipeline.lock import describe, hold_lock, lock_path
 from pipeline.logs import RunLog
@@ -174,7 +181,8 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     normaliser = Normaliser(scale, offset, model.card.mean, model.card.std)
     cache = str(wf.runtime.compilation_cache) if wf.runtime.compilation_cache else None
     read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
-    jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, str(model.path), model.sha256,
+    dtype = wire_dtype([info.dtypes[b - 1] for b in wf.bands]).name
+    jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, dtype, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
                      wf.runtime.precision, read_key, wf.runtime.readers)
             for group in tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)]

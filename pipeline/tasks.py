@@ -22,8 +22,6 @@ from pipeline.infer import (
     configure_jax,
     device_description,
     get_predictor,
-    input_dtype,
-    resolve_precision,
     resolve_readers,
 )
 from pipeline.io import Normaliser
@@ -46,6 +44,9 @@ class BatchJob:
     tiles: tuple[Tile, ...]
     bands: tuple[int, ...]
     normaliser: Normaliser
+    """Applied on the device, to the values as read."""
+    dtype: str
+    """The dtype its values are read and sent in (:func:`pipeline.io.wire_dtype` of its bands)."""
     checkpoint: str
     checkpoint_sha256: str
     spec: TileSpec
@@ -84,34 +85,31 @@ class BatchResult:
     model_span: tuple[float, float]
 
 
-def read_batch(job: BatchJob, dtype: np.dtype | None = None) -> BatchInputs:
-    """Read and normalise ``job.tiles``: the I/O half of a batch, for any worker; in one of the
-    worker's reader processes where ``job.readers`` asks for them. In ``dtype``, by default
-    float32 unless the workflow asks for bfloat16: a worker that only reads cannot tell what
-    ``auto`` will mean on the worker that predicts."""
+def read_batch(job: BatchJob) -> BatchInputs:
+    """Read ``job.tiles``: the I/O half of a batch, for any worker; in one of the worker's
+    reader processes where ``job.readers`` asks for them."""
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
-    dtype = input_dtype(job.precision) if dtype is None else dtype
     if pool is None:
-        return read_tiles(*_read_args(job), dtype=dtype)
-    return read_elsewhere(pool, *_read_args(job), dtype)
+        return read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
+    return read_elsewhere(pool, *_read_args(job), np.dtype(job.dtype))
 
 
 @contextlib.contextmanager
-def lent_batch(job: BatchJob, dtype: np.dtype) -> Iterator[BatchInputs]:
+def lent_batch(job: BatchJob) -> Iterator[BatchInputs]:
     """:func:`read_batch` for the with-block only: with readers, into a buffer of the worker's
     that is lent to this batch and then to the next (:data:`pipeline.reading.BUFFERS`)."""
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     if pool is None:
-        yield read_tiles(*_read_args(job), dtype=dtype)
+        yield read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
         return
-    with lend_elsewhere(pool, *_read_args(job), dtype) as inputs:
+    with lend_elsewhere(pool, *_read_args(job), np.dtype(job.dtype)) as inputs:
         yield inputs
 
 
 def _read_args(job: BatchJob) -> tuple:
-    """What :func:`~pipeline.reading.read_tiles` reads for ``job``: path, tiles, bands, normaliser,
-    read size and chunk key."""
-    return job.input_path, job.tiles, job.bands, job.normaliser, job.spec.read_size, job.read_key
+    """What :func:`~pipeline.reading.read_tiles` reads for ``job``: path, tiles, bands, read
+    size and chunk key."""
+    return job.input_path, job.tiles, job.bands, job.spec.read_size, job.read_key
 
 
 def _worker_threads() -> int | None:
@@ -127,7 +125,7 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
     configure_jax(job.compilation_cache)
     predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
                               job.precision, confidence=job.with_confidence)
-    prediction = predictor(inputs.x)
+    prediction = predictor(inputs.x, inputs.valid, job.normaliser)
     probabilities = None if prediction.probabilities is None else np.moveaxis(prediction.probabilities, -1, 1)
     blocks = []
     for window, members in core_blocks(job.tiles):
@@ -141,7 +139,6 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
 
 
 def predict_batch(job: BatchJob) -> BatchResult:
-    """Read, normalise and predict ``job.tiles`` in one task, read in the dtype the model takes
-    here; only the small cores travel back."""
-    with lent_batch(job, input_dtype(resolve_precision(job.precision))) as inputs:
+    """Read and predict ``job.tiles`` in one task; only the small cores travel back."""
+    with lent_batch(job) as inputs:
         return predict_inputs(job, inputs)

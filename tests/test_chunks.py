@@ -23,7 +23,6 @@ from pipeline.chunks import (
     ChunkGrid,
     ChunkReader,
 )
-from pipeline.io import Normaliser
 from pipeline.windows import source_window, tile_batches, tile_spec
 
 # (block rows, block cols) or None for strips of the given rows
@@ -221,11 +220,10 @@ def test_a_whole_input_decodes_each_chunk_once_and_reads_the_same(tmp_path, monk
     path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout]))
     spec = tile_spec(64, 16, 16)
     batches = tile_batches(1400, 1400, spec, 8, striped=layout.startswith("strips"))  # as the runner plans them
-    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
     key = uuid.uuid4().hex
     with ThreadPoolExecutor(threads) as pool:
-        cached = list(pool.map(lambda b: reading.read_tiles(path, b, [1, 2], norm, spec.read_size, key), batches))
-    plain = [reading.read_tiles(path, b, [1, 2], norm, spec.read_size) for b in batches]
+        cached = list(pool.map(lambda b: reading.read_tiles(path, b, [1, 2], spec.read_size, key), batches))
+    plain = [reading.read_tiles(path, b, [1, 2], spec.read_size) for b in batches]
     for a, b in zip(cached, plain):
         np.testing.assert_array_equal(a.x, b.x)
     with rasterio.open(path) as src:
@@ -260,14 +258,13 @@ def test_a_batch_read_alone_decodes_each_of_its_chunks_once_and_keeps_none(tmp_p
     data[0, :20, :30] = 0
     path = str(layout_raster(tmp_path / "in.tif", data, LAYOUTS[layout], nodata=0))
     spec = tile_spec(64, 16, 16)
-    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
     key = uuid.uuid4().hex
     for tiles in tile_batches(340, 300, spec, batch, striped=layout.startswith("strips")):
         monkeypatch.setattr(reading, "CHUNKS", CountingCache())
-        alone = reading.read_tiles(path, tiles, [1, 2], norm, spec.read_size, key, keep=False)
+        alone = reading.read_tiles(path, tiles, [1, 2], spec.read_size, key, keep=False)
         assert reading.CHUNKS.loads and set(reading.CHUNKS.loads.values()) == {1}
         assert reading.CHUNKS.bytes == 0
-        plain = reading.read_tiles(path, tiles, [1, 2], norm, spec.read_size)
+        plain = reading.read_tiles(path, tiles, [1, 2], spec.read_size)
         np.testing.assert_array_equal(alone.x, plain.x)
         for a, b in zip(alone.masks, plain.masks):
             np.testing.assert_array_equal(a, b)
@@ -279,9 +276,8 @@ def test_a_batch_read_alone_that_fails_keeps_nothing_either(tmp_path, monkeypatc
     broken = tmp_path / "broken.tif"
     broken.write_bytes(good.read_bytes()[: good.stat().st_size * 19 // 20])  # the last rows of blocks are gone
     spec = tile_spec(64, 16, 16)
-    norm = Normaliser((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.0, 1.0))
     tiles = tile_batches(340, 300, spec, 64)[0]
     with pytest.raises(rasterio.errors.RasterioError):
-        reading.read_tiles(str(broken), tiles, [1, 2], norm, spec.read_size, "k", keep=False)
+        reading.read_tiles(str(broken), tiles, [1, 2], spec.read_size, "k", keep=False)
     assert len(reading.CHUNKS.loads) > 1  # the first chunks were read before the failure
     assert reading.CHUNKS.bytes == 0

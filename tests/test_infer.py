@@ -9,10 +9,28 @@ import pytest
 from flax import nnx
 
 from conftest import TINY
-from pipeline.infer import Predictor, get_predictor
+from pipeline.infer import Predictor, get_predictor, normalise
+from pipeline.io import Normaliser
 from pipeline.windows import plan_tiles, reflect_indices, tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from unet_flax.model import UNetConfig, create_unet
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
+def test_normalising_maps_raw_values_and_zeroes_invalid_pixels(dtype):
+    norm = Normaliser(scale=(2.0, 1.0), offset=(0.0, -1.0), mean=(4.0, 0.0), std=(2.0, 0.5))
+    x = np.array([[[[3, 5]], [[1, 2]]]], dtype)  # one tile, bands first
+    valid = np.array([[[True, False]]])
+    z = np.asarray(normalise(x, valid, *norm.gain_bias))
+    assert z.shape == (1, 2, 1, 2) and z.dtype == np.float32  # bands stay first
+    np.testing.assert_allclose(z[0, :, 0, 0], [(3 * 2 - 4) / 2, (1 - 1) / 0.5])
+    np.testing.assert_array_equal(z[0, :, 0, 1], [0.0, 0.0])  # the mean, where the input has no value
+
+
+def test_invalid_pixels_may_hold_anything():
+    x = np.array([[[[np.nan, np.inf, 1.0]]]], np.float32)
+    z = np.asarray(normalise(x, np.array([[[False, False, True]]]), np.ones(1, np.float32), np.zeros(1, np.float32)))
+    np.testing.assert_array_equal(z, [[[[0.0, 0.0, 1.0]]]])
 
 
 @pytest.mark.parametrize("config", [TINY, UNetConfig(in_bands=2, num_classes=2, depth=3, base_width=2)])

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import rasterio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import scene, write_raster
 from pipeline.errors import InputError
-from pipeline.io import Normaliser, inspect_raster, read_tile
+from pipeline.io import inspect_raster, read_tile, reflect_in_place, wire_dtype
 from pipeline.windows import plan_tiles, tile_spec
 
 
@@ -65,14 +67,24 @@ def test_validity_follows_nodata_nan_and_internal_masks(tmp_path):
     np.testing.assert_array_equal(valid, mask)
 
 
-def test_normaliser_maps_raw_values_and_zeroes_invalid_pixels():
-    norm = Normaliser(scale=(2.0, 1.0), offset=(0.0, -1.0), mean=(4.0, 0.0), std=(2.0, 0.5))
-    data = np.array([[[3.0, 5.0]], [[1.0, 2.0]]])
-    valid = np.array([[True, False]])
-    z = norm(data, valid)
-    assert z.shape == (2, 1, 2) and z.dtype == np.float32  # bands stay first
-    np.testing.assert_allclose(z[:, 0, 0], [(3 * 2 - 4) / 2, (1 - 1) / 0.5])
-    np.testing.assert_array_equal(z[:, 0, 1], [0.0, 0.0])
+@pytest.mark.parametrize("dtypes, wire", [(["uint16"] * 4, "uint16"), (["uint8", "uint8"], "uint8"),
+                                         (["int16"], "int16"), (["uint8", "uint16"], "uint16"),
+                                         (["int16", "uint16"], "float32"), (["uint32"], "float32"),
+                                         (["float32"], "float32"), (["float64"], "float32")])
+def test_batches_travel_in_the_inputs_own_integers_up_to_16_bits_else_float32(dtypes, wire):
+    assert wire_dtype(dtypes) == np.dtype(wire)
+
+
+@given(st.integers(2, 12), st.integers(2, 12), st.data())
+@settings(max_examples=200, deadline=None)
+def test_reflecting_in_place_is_numpys_reflect_padding(rows, cols, data):
+    pads = tuple((data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1))) for n in (rows, cols))
+    inner = np.arange(2 * rows * cols, dtype=np.int32).reshape(2, rows, cols)
+    (top, bottom), (left, right) = pads
+    out = np.full((2, top + rows + bottom, left + cols + right), -1, np.int32)
+    out[:, top : top + rows, left : left + cols] = inner
+    reflect_in_place(out, pads)
+    np.testing.assert_array_equal(out, np.pad(inner, ((0, 0), *pads), mode="reflect"))
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "empty"), (b"\x00garbage" * 50, "not a readable raster")])
@@ -98,15 +110,24 @@ def test_truncated_files_are_rejected(tmp_path):
         inspect_raster(path, [1, 2, 3, 4])
 
 
-def test_normaliser_writes_into_a_given_slot():
-    norm = Normaliser(scale=(1.0,), offset=(0.0,), mean=(1.0,), std=(2.0,))
-    batch = np.full((2, 1, 2, 2), 7.0, np.float32)
-    data = np.array([[[3, 5], [1, 1]]], np.uint16)
-    valid = np.array([[True, True], [False, True]])
-    got = norm(data, valid, out=batch[1])
-    assert got.base is batch or got is batch[1] or np.shares_memory(got, batch)
-    np.testing.assert_array_equal(batch[1, 0], [[1.0, 2.0], [0.0, 0.0]])
-    np.testing.assert_array_equal(batch[0], 7.0)  # the other slot untouched
+@pytest.mark.parametrize("shape", [(5, 7), (33, 20), (70, 90)])  # gathered, padded and inside tiles
+@pytest.mark.parametrize("dtype, into", [("uint16", "uint16"), ("int32", "float32"), ("float32", "float32")])
+def test_a_tile_is_read_into_a_given_slot_in_its_dtype(tmp_path, shape, dtype, into):
+    data = scene(*shape, bands=2, dtype=dtype)
+    path = write_raster(tmp_path / "a.tif", data, nodata=data[0, 0, 0], tiled=shape[0] > 16)
+    spec = tile_spec(16, 8, 8)
+    batch = np.full((2, 2, spec.read_size, spec.read_size), 7, into)
+    invalid = 0
+    with rasterio.open(path) as src:
+        for tile in plan_tiles(shape[1], shape[0], spec):
+            want, want_valid = read_tile(src, tile, [1, 2])
+            got, valid = read_tile(src, tile, [1, 2], out=batch[1])
+            assert np.shares_memory(got, batch[1])
+            np.testing.assert_array_equal(batch[1], want.astype(into))
+            np.testing.assert_array_equal(valid, want_valid)
+            np.testing.assert_array_equal(batch[0], 7)  # the other slot untouched
+            invalid += (~valid).sum()
+    assert invalid  # the nodata pixel, and its reflections
 
 
 @pytest.mark.parametrize("tiled, striped", [(True, False), (False, True)])

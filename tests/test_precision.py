@@ -11,6 +11,7 @@ from conftest import TINY
 from pipeline import infer
 from pipeline.config import RuntimeSection, TilingSection
 from pipeline.infer import AUTO_BATCH_FILE, BatchProbe, Predictor, auto_batch, choose_batch, resolve_precision
+from pipeline.io import Normaliser
 from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
@@ -50,23 +51,25 @@ def test_bfloat16_classes_mostly_agree_with_float32(tiny_checkpoint):
     assert np.abs(fp32.confidence.astype(int) - bf16.confidence.astype(int)).mean() < 2
 
 
-def test_a_bfloat16_predictor_takes_bfloat16_batches_and_gives_the_classes_of_float32_ones(tiny_checkpoint):
-    """The forward pass casts its input to the compute dtype first, so a batch rounded on the
-    host gives the same classes as the float32 batch rounded on the device."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_batch_as_read_is_normalised_on_the_device(tiny_checkpoint, precision):
+    """uint16 values and their validity in, the classes of the batch normalised on the host out:
+    the host sends the input's own values and does no arithmetic on them."""
     checkpoint = load_checkpoint(tiny_checkpoint)
     spec = tile_spec(32, 28, TINY.factor)
-    assert Predictor(checkpoint, spec, 4, precision="float32").input_dtype == np.float32
-    predictor = Predictor(checkpoint, spec, 4, precision="bfloat16")
-    assert predictor.input_dtype == jnp.bfloat16
-    assert predictor.lower().args_info[0][1].dtype == jnp.bfloat16
-    x = np.random.default_rng(1).standard_normal((3, 4, spec.read_size, spec.read_size)).astype(np.float32)
-    rounded = predictor(x)  # padded and rounded to bfloat16 on the host
-    assert predictor(x.astype(jnp.bfloat16)).classes.tobytes() == rounded.classes.tobytes()
-    assert predictor.compiled_count() == 1
-    wide = jax.device_put(predictor.pad(x).astype(np.float32), predictor.input_sharding)
-    classes, confidence = (np.asarray(out)[:3] for out in predictor.forward(wide))
-    np.testing.assert_array_equal(classes, rounded.classes)
-    np.testing.assert_array_equal(confidence, rounded.confidence)
+    predictor = Predictor(checkpoint, spec, 4, precision=precision)
+    assert predictor.lower(np.uint16).args_info[0][1].dtype == np.uint16
+    raw = np.random.default_rng(1).integers(0, 10000, (3, 4, spec.read_size, spec.read_size)).astype(np.uint16)
+    valid = raw[:, 1] > 1000  # a tenth of the pixels are not
+    norm = Normaliser((1e-4, 2e-4, 1e-4, 1e-4), (0.0, -0.1, 0.0, 0.05), (0.5, 0.4, 0.5, 0.3), (0.25, 0.2, 0.3, 0.25))
+    gain, bias = norm.gain_bias
+    host = np.where(valid[:, None], raw.astype(np.float32) * gain[:, None, None] + bias[:, None, None], 0)
+    on_device = predictor(raw, valid, norm)
+    np.testing.assert_array_equal(on_device.classes, predictor(host.astype(np.float32)).classes)
+    np.testing.assert_array_equal(on_device.confidence, predictor(host.astype(np.float32)).confidence)
+    assert (on_device.classes != predictor(raw, None, norm).classes).any()  # validity matters
+    predictor(raw[:2], valid[:2], norm)
+    assert predictor.compiled_count() == 2  # uint16 and float32 batches; short batches are padded
 
 
 def plain_forward(model, x):

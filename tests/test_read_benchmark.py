@@ -22,7 +22,7 @@ import rasterio
 
 from pipeline import bench, reading
 from pipeline.chunks import ChunkCache, ChunkReader
-from pipeline.io import Normaliser, inspect_raster
+from pipeline.io import inspect_raster
 from pipeline.windows import tile_batches, tile_spec
 
 pytestmark = pytest.mark.benchmark
@@ -47,10 +47,9 @@ def read_all(path: Path, batches: list, cached: bool, monkeypatch) -> tuple[floa
     cache = ChunkCache()
     monkeypatch.setattr(reading, "CHUNKS", cache)
     key = uuid.uuid4().hex if cached else None
-    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        out = list(pool.map(lambda b: reading.read_tiles(str(path), b, [1, 2, 3, 4], norm, 384, key), batches))
+        out = list(pool.map(lambda b: reading.read_tiles(str(path), b, [1, 2, 3, 4], 384, key), batches))
     return time.perf_counter() - t0, cache, out
 
 

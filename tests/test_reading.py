@@ -10,7 +10,6 @@ import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
 
-import ml_dtypes
 import numpy as np
 import psutil
 import pytest
@@ -20,10 +19,9 @@ from test_run import run
 
 from pipeline import reading, tasks
 from pipeline.infer import resolve_readers
-from pipeline.io import Normaliser
 from pipeline.windows import tile_batches, tile_spec
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+UINT16 = np.dtype(np.uint16)
 FLOAT32 = np.dtype(np.float32)
 READERS = 2  # one pool for the whole module: each new size spawns its processes
 
@@ -51,17 +49,18 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
         data[1, 40, 50] = np.nan
     path = str(write_raster(tmp_path / "in.tif", data, nodata=nodata, tiled=dtype != "int16"))
     spec = tile_spec(32, 16, 4)  # tiles at every edge reflect context beyond the raster
-    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
     key = uuid.uuid4().hex if keyed else None
     pool = reading.reader_pool(READERS)
     reading.BUFFERS.clear()
     before = leftovers()
     for tiles in tile_batches(90, 70, spec, 4):  # the last batch has 2 tiles
-        here = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size)
-        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key)
-        with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key) as lent:
+        here = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size)
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key)
+        with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key) as lent:
             for batch in (there, lent):
+                assert batch.x.dtype == here.x.dtype == np.dtype(dtype)  # the input's own values
                 np.testing.assert_array_equal(batch.x, here.x)
+                np.testing.assert_array_equal(batch.valid, here.valid)
                 assert len(batch.masks) == len(tiles)
                 for a, b in zip(batch.masks, here.masks):
                     np.testing.assert_array_equal(a, b)
@@ -71,60 +70,37 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     assert leftovers() == before  # the rest went with the batches' last views
 
 
-@pytest.mark.parametrize("keyed", [False, True])
-def test_a_bfloat16_batch_is_the_float32_batch_rounded_here_and_in_a_reader(tmp_path, keyed):
-    data = scene(60, 70, seed=5)
-    data[:, :7, :11] = 0
-    path = str(write_raster(tmp_path / "in.tif", data, nodata=0))
-    spec = tile_spec(32, 16, 4)
-    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
-    key = uuid.uuid4().hex if keyed else None
-    pool = reading.reader_pool(READERS)
-    for tiles in tile_batches(70, 60, spec, 4):
-        wide = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size)
-        rounded = wide.x.astype(BFLOAT16)
-        here = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size, key, dtype=BFLOAT16)
-        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size, key, BFLOAT16)
-        for batch in (here, there):
-            assert batch.x.dtype == BFLOAT16
-            np.testing.assert_array_equal(batch.x.view(np.uint16), rounded.view(np.uint16))
-            for a, b in zip(batch.masks, wide.masks):
-                np.testing.assert_array_equal(a, b)
-
-
 def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
     good = write_raster(tmp_path / "good.tif", scene(40, 40))
     broken = tmp_path / "broken.tif"
     broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated: header fine, blocks gone
     spec = tile_spec(32, 16, 4)
     tiles = tile_batches(40, 40, spec, 4)[0]
-    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     pool = reading.reader_pool(READERS)
     before = leftovers()
     with pytest.raises(rasterio.errors.RasterioError):
-        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], norm, spec.read_size)
+        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size)
     assert leftovers() == before
-    x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x
-    np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+    x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], spec.read_size).x
+    np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], spec.read_size).x)
 
 
 def test_a_killed_reader_fails_its_batch_and_the_next_batch_gets_new_readers(tmp_path):
     path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
     spec = tile_spec(32, 16, 4)
     tiles = tile_batches(40, 40, spec, 4)[0]
-    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     reading.start_readers(3)  # a pool of its own, not the module's
     pool = reading.reader_pool(3)
     for pid in list(pool._processes):
         os.kill(pid, signal.SIGKILL)  # as the out-of-memory killer would
     before = leftovers()
     with pytest.raises(BrokenProcessPool):
-        reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size)
+        reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size)
     assert leftovers() == before
     fresh = reading.reader_pool(3)
     assert fresh is not pool
-    x = reading.read_elsewhere(fresh, path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
-    np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x)
+    x = reading.read_elsewhere(fresh, path, tiles, [1, 2, 3, 4], spec.read_size).x
+    np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x)
 
 
 def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path, monkeypatch, caplog):
@@ -135,14 +111,13 @@ def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path,
     reading._cannot_share.cache_clear()
     path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
     spec = tile_spec(32, 16, 4)
-    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     before = leftovers()
     with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
         for tiles in tile_batches(40, 40, spec, 2):
-            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
-            x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
+            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x
+            x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], spec.read_size).x
             np.testing.assert_array_equal(x, want)
-            with reading.lend_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], norm,
+            with reading.lend_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4],
                                         spec.read_size) as lent:
                 np.testing.assert_array_equal(lent.x, want)
     assert leftovers() == before
@@ -156,14 +131,13 @@ def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_
     reading._cannot_share.cache_clear()
     path = str(write_raster(tmp_path / "in.tif", scene(40, 40)))
     spec = tile_spec(32, 16, 4)
-    norm = Normaliser((1.0,) * 4, (0.0,) * 4, (0.0,) * 4, (1.0,) * 4)
     pool = reading.reader_pool(READERS)
     with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
         for tiles in tile_batches(40, 40, spec, 2):
-            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], norm, spec.read_size).x
-            np.testing.assert_array_equal(reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm,
+            want = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x
+            np.testing.assert_array_equal(reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4],
                                                                  spec.read_size).x, want)
-            with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], norm, spec.read_size) as lent:
+            with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size) as lent:
                 np.testing.assert_array_equal(lent.x, want)
     said = [r.getMessage() for r in caplog.records if "cannot open shared memory" in r.getMessage()]
     assert len(said) == 1 and "no-such-fd" in said[0]
@@ -172,12 +146,14 @@ def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_
 
 def test_a_lent_buffer_serves_one_batch_at_a_time():
     buffers = reading.BatchBuffers()
-    with buffers.lend((4, 2, 8, 8), FLOAT32) as a, buffers.lend((4, 2, 8, 8), FLOAT32) as b:
-        assert a is not b and a.x.shape == b.x.shape == (4, 2, 8, 8)
-        assert not a.x.flags.writeable  # the reader writes, the worker only reads
-    with buffers.lend((3, 2, 8, 8), FLOAT32) as c:  # a last, smaller batch fits either
+    with buffers.lend((4, 2, 8, 8), UINT16) as a, buffers.lend((4, 2, 8, 8), UINT16) as b:
+        (x, valid), (y, _) = a.arrays, b.arrays
+        assert a is not b and x.shape == y.shape == (4, 2, 8, 8) and valid.shape == (4, 8, 8)
+        assert x.dtype == UINT16 and valid.dtype == bool
+        assert not x.flags.writeable and not valid.flags.writeable  # the reader writes, the worker only reads
+    with buffers.lend((3, 2, 8, 8), UINT16) as c:  # a last, smaller batch fits either
         assert c in (a, b)
-    with buffers.lend((4, 2, 8, 8), BFLOAT16) as d, buffers.lend((5, 2, 8, 8), FLOAT32) as e:
+    with buffers.lend((4, 2, 8, 8), FLOAT32) as d, buffers.lend((5, 2, 8, 8), UINT16) as e:
         assert d not in (a, b) and e not in (a, b)
     assert len(buffers) == 4
     buffers.clear()
@@ -205,7 +181,7 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
     for i in range(2):
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
-    assert dtypes == {np.dtype(precision)}  # batches travel in the dtype the model computes in
+    assert dtypes == {np.dtype("uint16")}  # batches travel as read, whatever the model computes in
     assert not leftovers() and len(reading.BUFFERS) == 0  # a run's buffers end with it
 
 

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from pipeline.infer import Predictor
+    from pipeline.io import Normaliser
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import load_checkpoint
 
@@ -34,6 +35,10 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(a.classes, b.classes)
     np.testing.assert_array_equal(a.confidence, b.confidence)
     assert sharded.compiled_count() == 1
+    raw = np.random.default_rng(1).integers(0, 10000, (3, 4, spec.read_size, spec.read_size)).astype(np.uint16)
+    valid = raw[:, 0] > 1000  # a tenth of the pixels are not
+    norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
+    np.testing.assert_array_equal(sharded(raw, valid, norm).classes, single(raw, valid, norm).classes)
     assert sharded.sequential  # each CPU device runs its share tile by tile
     batched = Predictor(checkpoint, spec, batch=3, sequential=False)
     assert (batched(x).classes == a.classes).mean() >= 0.999
@@ -56,4 +61,6 @@ def test_one_device_keeps_the_batch(tiny_checkpoint):
     predictor = Predictor(load_checkpoint(tiny_checkpoint), tile_spec(32, 28, TINY.factor), batch=3)
     n = len(predictor.devices)
     assert predictor.batch == -(-3 // n) * n  # 3 on one device
-    assert predictor.pad(np.zeros((1, 4, 88, 88), np.float32)).shape == predictor.input_shape
+    x, valid = predictor.pad(np.zeros((1, 4, 88, 88), np.uint16))
+    assert x.shape == predictor.input_shape and x.dtype == np.uint16
+    assert valid.shape == (predictor.batch, 88, 88) and valid[0].all() and not valid[1:].any()  # padding is not valid
