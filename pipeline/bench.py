@@ -316,13 +316,13 @@ def _no_model(predictor: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
-    from pipeline.infer import normalise
+    from pipeline.infer import normalise, unpack_valid
 
     lo, hi = predictor.spec.halo, predictor.spec.halo + predictor.spec.tile
 
     @jax.jit
     def forward(state: Any, x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) -> tuple[jax.Array, ...]:
-        x, valid = x[:, :1, lo:hi, lo:hi], valid[:, lo:hi, lo:hi]
+        x, valid = x[:, :1, lo:hi, lo:hi], unpack_valid(valid, x.shape[-1])[:, lo:hi, lo:hi]
         classes = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.uint8)
         outputs = (classes,)
         if predictor.confidence:
@@ -620,7 +620,7 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     faster being its figure."""
     import jax
 
-    from pipeline.infer import normalise
+    from pipeline.infer import normalise, unpack_valid
     from pipeline.torch_unet import torch_available, torch_classes, torch_input, torch_unet_from_flax
 
     if not torch_available():
@@ -630,7 +630,7 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     net = torch_unet_from_flax(ckpt.model).to(device=device, dtype=getattr(torch, precision))
     values, valid, normaliser = inputs
-    x = torch_input(net, np.asarray(normalise(values, valid, *normaliser.gain_bias)))
+    x = torch_input(net, np.asarray(normalise(values, unpack_valid(valid, values.shape[-1]), *normaliser.gain_bias)))
     tiles = [x[i:i + 1] for i in range(len(x))]
     lo, hi = spec.halo, spec.halo + spec.tile
     classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]

@@ -78,6 +78,11 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
+def unpack_valid(packed: jax.Array, size: int) -> jax.Array:
+    """Validity (..., ``size``) from its bits (:func:`pipeline.io.pack_valid`)."""
+    return jnp.unpackbits(packed, axis=-1, count=size).astype(bool)
+
+
 def normalise(x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) -> jax.Array:
     """Model inputs (n, bands, S, S) in float32 from a batch as read: ``x * gain + bias`` per
     band (:class:`pipeline.io.Normaliser`), 0 (the mean) where ``valid`` (n, S, S) is not set."""
@@ -156,6 +161,7 @@ class Predictor:
         def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
+            valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
             logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
@@ -192,15 +198,19 @@ class Predictor:
         self._turns = threading.Lock() if backend == "cpu" else contextlib.nullcontext()
 
     def pad(self, x: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``n <= batch`` tiles (n, bands, S, S) and where they are valid (n, S, S; None: everywhere),
-        padded with invalid zeros to the compiled shape."""
-        n = x.shape[0]
+        """``n <= batch`` tiles (n, bands, S, S) and where they are valid, as bits (n, S, S / 8:
+        :func:`pipeline.io.pack_valid`; None: everywhere), padded with invalid zeros to the
+        compiled shape."""
+        n, (_, size, _) = x.shape[0], self.input_shape[1:]
+        packed = (n, size, -(-size // 8))
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
-        valid = np.ones((n, *x.shape[2:]), bool) if valid is None else valid
+        valid = np.full(packed, 255, np.uint8) if valid is None else valid
+        if valid.shape != packed or valid.dtype != np.uint8:
+            raise ValueError(f"expected validity bits of {packed} (io.pack_valid), got {valid.dtype} {valid.shape}")
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-            valid = np.concatenate([valid, np.zeros((self.batch - n, *valid.shape[1:]), bool)])
+            valid = np.concatenate([valid, np.zeros((self.batch - n, *packed[1:]), np.uint8)])
         return x, valid
 
     def put(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None) -> tuple[jax.Array, ...]:
@@ -240,7 +250,8 @@ class Predictor:
         work no cache keeps)."""
         bands = self.input_shape[1]
         x = jax.ShapeDtypeStruct(self.input_shape, np.dtype(dtype), sharding=self.input_sharding)
-        valid = jax.ShapeDtypeStruct((self.batch, *self.input_shape[2:]), np.dtype(bool), sharding=self.input_sharding)
+        size = self.input_shape[2]
+        valid = jax.ShapeDtypeStruct((self.batch, size, -(-size // 8)), np.dtype(np.uint8), sharding=self.input_sharding)
         scale = jax.ShapeDtypeStruct((bands,), np.dtype(np.float32), sharding=self._replicated)
         return self._forward.lower(self._state, x, valid, scale, scale)
 

@@ -124,6 +124,12 @@ def wire_dtype(dtypes: Sequence[str]) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def pack_valid(valid: np.ndarray) -> np.ndarray:
+    """Validity (..., S) as bits, 8 pixels a byte along the last axis (``np.packbits``): how a
+    batch's validity travels, an eighth of the bytes of a bool per pixel."""
+    return np.packbits(valid, axis=-1)
+
+
 def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int], reader: ChunkReader | None = None,
               out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S); the pixels

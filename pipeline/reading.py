@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader
-from pipeline.io import read_tile, wire_dtype
+from pipeline.io import pack_valid, read_tile, wire_dtype
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
 
@@ -47,8 +47,9 @@ CHUNKS = ChunkCache()
 @dataclasses.dataclass(frozen=True)
 class BatchInputs:
     """One batch read: the input's values (n, bands, S, S) in its wire dtype
-    (:func:`pipeline.io.wire_dtype`), where they are valid (n, S, S), and each core's
-    validity. The device normalises them (:class:`pipeline.io.Normaliser`)."""
+    (:func:`pipeline.io.wire_dtype`), where they are valid (n, S, S) as bits
+    (:func:`pipeline.io.pack_valid`), and each core's validity. The device normalises them
+    (:class:`pipeline.io.Normaliser`)."""
 
     x: np.ndarray
     valid: np.ndarray
@@ -59,7 +60,7 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size
                out: np.ndarray | None = None, valid: np.ndarray | None = None, dtype: np.dtype | None = None,
                keep: bool = True) -> BatchInputs:
     """Read ``tiles`` of ``path``, each straight into its slot of the batch (``out`` and
-    ``valid`` if given, else new arrays; in ``dtype``, by default the input's wire dtype);
+    ``valid``, packed, if given, else new arrays; in ``dtype``, by default the input's wire dtype);
     with ``key``, through :data:`CHUNKS`, sized for batches like this one, or (not ``keep``)
     for this batch alone, whose chunks and GDAL's blocks are then let go."""
     masks = []
@@ -67,15 +68,16 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size
         if out is None:
             dtype = wire_dtype([src.dtypes[b - 1] for b in bands]) if dtype is None else dtype
             out = np.empty((len(tiles), len(bands), read_size, read_size), dtype)
-        valid = np.empty((len(tiles), read_size, read_size), bool) if valid is None else valid
+        valid = np.empty((len(tiles), read_size, -(-read_size // 8)), np.uint8) if valid is None else valid
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
         if key is not None:
             CHUNKS.resize(_chunk_budget(reader, tiles, keep), key)
         try:
             with contextlib.nullcontext() if keep else rasterio.Env(GDAL_CACHEMAX=reader.gdal_cache_bytes):
                 for i, tile in enumerate(tiles):
-                    _, valid[i] = read_tile(src, tile, list(bands), reader, out=out[i])
-                    masks.append(core_mask(valid[i], tile))
+                    _, tile_valid = read_tile(src, tile, list(bands), reader, out=out[i])
+                    valid[i] = pack_valid(tile_valid)
+                    masks.append(core_mask(tile_valid, tile))
         finally:
             if not keep and key is not None:
                 CHUNKS.forget(key)
@@ -162,17 +164,17 @@ class SharedBatch:
 
 
 def _size(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """Bytes of a batch of ``shape`` values of ``dtype`` and its validity."""
+    """Bytes of a batch of ``shape`` values of ``dtype`` and its validity (as bits)."""
     n, _, rows, cols = shape
-    return math.prod(shape) * dtype.itemsize + n * rows * cols
+    return math.prod(shape) * dtype.itemsize + n * rows * -(-cols // 8)
 
 
 def _views(memory: mmap.mmap, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The values (``shape``, ``dtype``) and validity (tiles, S, S) laid out in ``memory``."""
+    """The values (``shape``, ``dtype``) and validity bits (tiles, S, S / 8) laid out in ``memory``."""
     n, _, rows, cols = shape
-    values = math.prod(shape)
+    values, packed = math.prod(shape), -(-cols // 8)
     return (np.frombuffer(memory, dtype, values).reshape(shape),
-            np.frombuffer(memory, bool, n * rows * cols, offset=values * dtype.itemsize).reshape(n, rows, cols))
+            np.frombuffer(memory, np.uint8, n * rows * packed, offset=values * dtype.itemsize).reshape(n, rows, packed))
 
 
 class BatchBuffers:
@@ -342,7 +344,6 @@ def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, 
     x, valid = _views(memory, shape, dtype)
     n = len(tiles)
     masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False).masks
-    sent = tuple(None if m.all() else m.copy() for m in masks)  # the masks are views of the validity
-    del x, valid, masks
+    del x, valid
     memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
-    return sent
+    return tuple(None if m.all() else m for m in masks)

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TINY
-from pipeline.infer import Predictor, get_predictor, normalise
-from pipeline.io import Normaliser
+from pipeline.infer import Predictor, get_predictor, normalise, unpack_valid
+from pipeline.io import Normaliser, pack_valid
 from pipeline.windows import plan_tiles, reflect_indices, tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from unet_flax.model import UNetConfig, create_unet
@@ -25,6 +27,16 @@ def test_normalising_maps_raw_values_and_zeroes_invalid_pixels(dtype):
     assert z.shape == (1, 2, 1, 2) and z.dtype == np.float32  # bands stay first
     np.testing.assert_allclose(z[0, :, 0, 0], [(3 * 2 - 4) / 2, (1 - 1) / 0.5])
     np.testing.assert_array_equal(z[0, :, 0, 1], [0.0, 0.0])  # the mean, where the input has no value
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.data())
+@settings(max_examples=50, deadline=None)
+def test_validity_travels_as_bits_and_arrives_whole(tiles, size, data):
+    valid = np.array(data.draw(st.lists(st.booleans(), min_size=tiles * size * size, max_size=tiles * size * size)),
+                     bool).reshape(tiles, size, size)
+    packed = pack_valid(valid)
+    assert packed.dtype == np.uint8 and packed.shape == (tiles, size, -(-size // 8))
+    np.testing.assert_array_equal(np.asarray(unpack_valid(packed, size)), valid)
 
 
 def test_invalid_pixels_may_hold_anything():

@@ -11,7 +11,7 @@ from conftest import TINY
 from pipeline import infer
 from pipeline.config import RuntimeSection, TilingSection
 from pipeline.infer import AUTO_BATCH_FILE, BatchProbe, Predictor, auto_batch, choose_batch, resolve_precision
-from pipeline.io import Normaliser
+from pipeline.io import Normaliser, pack_valid
 from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
@@ -64,11 +64,11 @@ def test_a_batch_as_read_is_normalised_on_the_device(tiny_checkpoint, precision)
     norm = Normaliser((1e-4, 2e-4, 1e-4, 1e-4), (0.0, -0.1, 0.0, 0.05), (0.5, 0.4, 0.5, 0.3), (0.25, 0.2, 0.3, 0.25))
     gain, bias = norm.gain_bias
     host = np.where(valid[:, None], raw.astype(np.float32) * gain[:, None, None] + bias[:, None, None], 0)
-    on_device = predictor(raw, valid, norm)
+    on_device = predictor(raw, pack_valid(valid), norm)
     np.testing.assert_array_equal(on_device.classes, predictor(host.astype(np.float32)).classes)
     np.testing.assert_array_equal(on_device.confidence, predictor(host.astype(np.float32)).confidence)
     assert (on_device.classes != predictor(raw, None, norm).classes).any()  # validity matters
-    predictor(raw[:2], valid[:2], norm)
+    predictor(raw[:2], pack_valid(valid[:2]), norm)
     assert predictor.compiled_count() == 2  # uint16 and float32 batches; short batches are padded
 
 

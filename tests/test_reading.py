@@ -148,8 +148,8 @@ def test_a_lent_buffer_serves_one_batch_at_a_time():
     buffers = reading.BatchBuffers()
     with buffers.lend((4, 2, 8, 8), UINT16) as a, buffers.lend((4, 2, 8, 8), UINT16) as b:
         (x, valid), (y, _) = a.arrays, b.arrays
-        assert a is not b and x.shape == y.shape == (4, 2, 8, 8) and valid.shape == (4, 8, 8)
-        assert x.dtype == UINT16 and valid.dtype == bool
+        assert a is not b and x.shape == y.shape == (4, 2, 8, 8) and valid.shape == (4, 8, 1)  # validity as bits
+        assert x.dtype == UINT16 and valid.dtype == np.uint8
         assert not x.flags.writeable and not valid.flags.writeable  # the reader writes, the worker only reads
     with buffers.lend((3, 2, 8, 8), UINT16) as c:  # a last, smaller batch fits either
         assert c in (a, b)

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from pipeline.infer import Predictor
-    from pipeline.io import Normaliser
+    from pipeline.io import Normaliser, pack_valid
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import load_checkpoint
 
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(a.confidence, b.confidence)
     assert sharded.compiled_count() == 1
     raw = np.random.default_rng(1).integers(0, 10000, (3, 4, spec.read_size, spec.read_size)).astype(np.uint16)
-    valid = raw[:, 0] > 1000  # a tenth of the pixels are not
+    valid = pack_valid(raw[:, 0] > 1000)  # a tenth of the pixels are not
     norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
     np.testing.assert_array_equal(sharded(raw, valid, norm).classes, single(raw, valid, norm).classes)
     assert sharded.sequential  # each CPU device runs its share tile by tile
@@ -63,4 +63,4 @@ def test_one_device_keeps_the_batch(tiny_checkpoint):
     assert predictor.batch == -(-3 // n) * n  # 3 on one device
     x, valid = predictor.pad(np.zeros((1, 4, 88, 88), np.uint16))
     assert x.shape == predictor.input_shape and x.dtype == np.uint16
-    assert valid.shape == (predictor.batch, 88, 88) and valid[0].all() and not valid[1:].any()  # padding is not valid
+    assert valid.shape == (predictor.batch, 88, 11) and (valid[0] == 255).all() and not valid[1:].any()  # padding is not valid
