@@ -107,6 +107,10 @@ class DaskSection(Section):
     processes: bool = False
     max_tasks_in_flight: int = Field(4, ge=1, description="batches submitted but not yet written")
     retries: int = Field(2, ge=0)
+    profile: bool = False
+    """Dask's statistical profiler in the local cluster's workers (the dashboard's Profile tab):
+    it samples every thread's stack 100 times a second, which cost end to end 3-8% on CPU; an
+    existing cluster keeps its own setting (``distributed.worker.profile.enabled``)."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Worker resources one inference task holds, e.g. ``{GPU: 1}``: on a cluster such tasks run
     only on workers started with ``--resources GPU=1``; a local cluster's workers are given

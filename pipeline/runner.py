@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dask
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -93,9 +94,11 @@ def open_client(cfg: DaskSection) -> Iterator[Client]:
         return
     resources = {name: amount * cfg.threads for name, amount in cfg.resources.items()} or None
     # ":0": the scheduler's HTTP endpoint takes any free port instead of contending for 8787.
-    with LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=cfg.processes,
-                      resources=resources, dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
-            Client(cluster) as client:
+    # Workers read the profiler's setting as they start (a nanny passes its config on).
+    with dask.config.set({"distributed.worker.profile.enabled": cfg.profile}):
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=cfg.processes,
+                               resources=resources, dashboard_address=":0", silence_logs=logging.WARNING)
+    with cluster, Client(cluster) as client:
         yield client
 
 

@@ -31,7 +31,7 @@ from pipeline.cluster import (
     tasks_processing,
 )
 from pipeline.config import DaskSection, load_workflow
-from pipeline.runner import load_model_ref, plan_file, run_workflow
+from pipeline.runner import load_model_ref, open_client, plan_file, run_workflow
 from pipeline.windows import tile_spec
 
 DASK = Path(sys.executable).with_name("dask")
@@ -246,6 +246,16 @@ def test_resources_on_a_local_cluster_do_not_starve_it(tmp_path, make_workflow, 
     local = run_to(make_workflow, tmp_path, inputs, "local")
     annotated = run_to(make_workflow, tmp_path, inputs, "annotated", resources={"GPU": 1})
     assert_identical_outputs(inputs, local, annotated)
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_local_clusters_workers_profile_only_when_asked(processes):
+    """Dask's profiler samples every thread's stack 100 times a second: off unless the workflow
+    asks (``dask.profile``), in threads and in worker processes alike."""
+    for profile in (False, True):
+        with open_client(DaskSection(threads=1, processes=processes, profile=profile)) as client:
+            sampling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert list(sampling.values()) == [profile]
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
