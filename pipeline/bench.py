@@ -372,6 +372,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
+              "model_batch_s": max(report.model_batch_s.values(), default=None),
               "cpu_s": {"process": cpu1[0] - cpu0[0], "children": cpu1[1] - cpu0[1]}}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
@@ -630,7 +631,7 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     net = torch_unet_from_flax(ckpt.model).to(device=device, dtype=getattr(torch, precision))
     values, valid, normaliser = inputs
-    x = torch_input(net, np.asarray(normalise(values, unpack_valid(valid, values.shape[-1]), *normaliser.gain_bias)))
+    x = torch_input(net, np.array(normalise(values, unpack_valid(valid, values.shape[-1]), *normaliser.gain_bias)))
     tiles = [x[i:i + 1] for i in range(len(x))]
     lo, hi = spec.halo, spec.halo + spec.tile
     classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]
@@ -680,7 +681,7 @@ def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
     e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
     return {"model_only_mpx_per_s": best, "model_only_mean_mpx_per_s": mean, "ratio": e2e_mpx / best,
             "ratio_to_mean": e2e_mpx / mean, "before_s": e2e["model_only_before_s"],
-            "after_s": e2e["model_only_after_s"]}
+            "after_s": e2e["model_only_after_s"], "run_batch_median_s": e2e["model_batch_s"]}
 
 
 def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cache: Path,
@@ -747,7 +748,9 @@ def format_table(report: dict[str, Any]) -> str:
         ("end to end, paired", f"ratio {e['paired']['ratio']:.2f} ({e['paired']['ratio_to_mean']:.2f} to their mean) "
                                f"to {len(e['paired']['before_s']) + len(e['paired']['after_s'])} model-only "
                                f"batches timed in the run's process just before and after it "
-                               f"({e['paired']['model_only_mpx_per_s']:.3f} Mpx/s); the model busy "
+                               f"({e['paired']['model_only_mpx_per_s']:.3f} Mpx/s, best "
+                               f"{min(e['paired']['before_s'] + e['paired']['after_s']):.3f} s a batch; the run's "
+                               f"own batches {e['paired']['run_batch_median_s']:.3f} s, median); the model busy "
                                f"{100 * e['model_busy_share']:.1f}% of the run's wall time"),
         ("host ceiling", f"{e['host_mpx_per_s']:.3f} Mpx/s: the same run without the model's cost, "
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it); CPU per Mpx "

@@ -44,6 +44,9 @@ class RunReport:
     files: tuple[FileRecord, ...]
     model_busy_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """Seconds each worker process (``host/pid``) had a batch on its device(s)."""
+    model_batch_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Median seconds a batch took on each worker process's device(s), from its transfer to its
+    results' return: against a batch timed alone, what running beside the rest of the run costs."""
 
     @property
     def model_busy_share(self) -> float | None:

@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import fnmatch
 import logging
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -277,7 +278,9 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
     records = sorted(ctx.records, key=lambda r: r.input)
     return RunReport(run_id=run_id, workflow=wf.name, started=started_at.isoformat(timespec="seconds"),
                      seconds=seconds, device=device, files=tuple(records),
-                     model_busy_s={w: round(busy_seconds(s), 3) for w, s in ctx.model_spans.items()})
+                     model_busy_s={w: round(busy_seconds(s), 3) for w, s in ctx.model_spans.items()},
+                     model_batch_s={w: round(statistics.median(end - start for start, end in s), 3)
+                                    for w, s in ctx.model_spans.items()})
 
 
 def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:

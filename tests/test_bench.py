@@ -41,6 +41,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert paired["ratio"] == pytest.approx(e2e["mpx_per_s"] / paired["model_only_mpx_per_s"])
     assert 0 < paired["model_only_mean_mpx_per_s"] <= paired["model_only_mpx_per_s"]
     assert paired["ratio_to_mean"] >= paired["ratio"] > 0
+    assert paired["run_batch_median_s"] > 0  # the run's own batches, against those timed beside it
     assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
     for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, and its readers

@@ -125,11 +125,13 @@ def test_the_report_says_how_much_of_the_run_the_model_was_busy(tmp_path, make_w
     report = json.loads(report_path.read_text())
     (busy,) = report["model_busy_s"].values()  # the local cluster's one process
     assert 0 < busy < report["seconds"]
+    (batch,) = report["model_batch_s"].values()  # the median of 6 batches (3 of each scene)
+    assert report["model_batch_s"].keys() == report["model_busy_s"].keys() and 0 < batch <= busy / 3
     assert report["model_busy_share"] == pytest.approx(busy / report["seconds"])
     assert f"model busy {100 * report['model_busy_share']:.0f}% of it" in capsys.readouterr().out
     assert run(wf, "--report", str(report_path)) == 0  # nothing left to predict
     report = json.loads(report_path.read_text())
-    assert report["model_busy_s"] == {} and report["model_busy_share"] is None
+    assert report["model_busy_s"] == report["model_batch_s"] == {} and report["model_busy_share"] is None
 
 
 def test_inputs_without_a_crs_are_written_without_one_with_a_warning(tmp_path, make_workflow, capsys):
