@@ -13,7 +13,7 @@ is rounded up to a multiple of the device count, and a batch smaller than the de
 uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
 bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units). A batch
 arrives as read: the input's own values (uint16 as uint16: no more bytes than bfloat16) and
-where they are valid; the compiled pass normalises them (:func:`normalise`), so the host does
+where they are valid, as bits; the compiled pass normalises them (:func:`normalise`), so the host does
 no arithmetic on them, and the normaliser's gain and bias are arguments, not constants. On CPU each
 device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
 one tile's activations stay in the CPU's caches, which measured faster than the batched

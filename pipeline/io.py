@@ -117,7 +117,7 @@ class Normaliser:
 def wire_dtype(dtypes: Sequence[str]) -> np.dtype:
     """The dtype a batch of bands of ``dtypes`` is read into and sent to the device in: their
     common integer type where it has at most 16 bits (their values exactly, in no more bytes
-    than bfloat16), float32 otherwise (which the host's normalising cast to anyway)."""
+    than bfloat16), float32 otherwise (the device normalises in float32 anyway)."""
     common = np.result_type(*dtypes)
     if np.issubdtype(common, np.integer) and common.itemsize <= 2:
         return common
