@@ -58,6 +58,8 @@ class OutputSection(Section):
     polygons: bool = False
     """Also write ``<stem>.gpkg``: the classes as simplified polygons."""
     simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance, in CRS units")
+    deflate_level: int = Field(6, ge=1, le=12, description="DEFLATE level of every COG written: 6 (GDAL's default) "
+                               "or lower to spend less CPU on larger files")
     run_products: bool = True
     """Write per-run VRT mosaics, STAC Items and a STAC Collection."""
 

@@ -43,6 +43,8 @@ from unet_flax.card import ModelCard
 
 BLOCK = 256
 QUICKLOOK_SIZE = 512
+DEFLATE_LEVEL = 6
+"""GDAL's own default DEFLATE level (``output.deflate_level``)."""
 PROVENANCE_PREFIX = "TILEPIPE_"
 
 # GDAL raster attribute table enums (gdal.h): field types and usages.
@@ -347,7 +349,7 @@ def open_raster(path: Path | str, mode: str = "r", **profile: Any) -> Any:
 # --- Cloud-Optimized GeoTIFFs ------------------------------------------------------------
 
 
-def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool) -> None:
+def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool, level: int = DEFLATE_LEVEL) -> None:
     """GDAL's COG driver: tiled, DEFLATE on every core, the VRT's overviews (or, where it has
     none, overviews computed by ``resampling``); copies PAM items to aux.xml.
 
@@ -357,7 +359,7 @@ def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bo
     uncompressed size on disk while it exists).
     """
     with rasterio.Env(COG_TMP_COMPRESSION="NONE"), open_raster(vrt_text(vrt)) as src:
-        rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor))
+        rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor, level))
 
 
 @contextmanager
@@ -392,9 +394,9 @@ def _mode_overview(source: rasterio.DatasetReader, path: Path, height: int, widt
             out.write(mode_2x2(pixels, NODATA), window=Window(0, top, width, len(starts)))
 
 
-def cog_options(resampling: str, predictor: bool) -> dict[str, str | int]:
-    """Creation options of every COG tilepipe writes."""
-    return {"BLOCKSIZE": BLOCK, "COMPRESS": "DEFLATE", "PREDICTOR": "YES" if predictor else "NO",
+def cog_options(resampling: str, predictor: bool, level: int = DEFLATE_LEVEL) -> dict[str, str | int]:
+    """Creation options of every COG tilepipe writes (``level``: DEFLATE's, 1-12)."""
+    return {"BLOCKSIZE": BLOCK, "COMPRESS": "DEFLATE", "LEVEL": level, "PREDICTOR": "YES" if predictor else "NO",
             "OVERVIEW_RESAMPLING": resampling, "OVERVIEWS": "AUTO", "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}
 
 
@@ -409,7 +411,7 @@ def _dataset_tags(provenance: Mapping[str, str], resampling: str) -> dict[str, s
 
 
 def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                  pixels: np.ndarray | None = None, stage: Stage | None = None) -> Path:
+                  pixels: np.ndarray | None = None, stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
     """Write ``tmp_mask`` (uint8 codes, nodata 255) as a COG at ``dest`` with its sidecars, atomically.
 
     Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png``
@@ -431,28 +433,29 @@ def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[
             vrt_source(band, Path(tmp_mask).resolve(), 1)
             with _mode_overviews(src, files.mask) as levels:
                 vrt_overviews(band, levels, 1)
-                _write_cog(root, cog, resampling="MODE", predictor=False)
+                _write_cog(root, cog, resampling="MODE", predictor=False, level=level)
         style.write_text(qml_style(card), encoding="utf-8")
         _render_quicklook(cog, png, QUICKLOOK_SIZE)
     return files.mask
 
 
 def finalize_confidence(tmp_conf: Path, dest: Path, provenance: dict[str, str], *,
-                        stage: Stage | None = None) -> Path:
+                        stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
     """Write ``tmp_conf`` (max softmax probability, uint8 0-100, nodata 255) as a COG, atomically."""
     return _finalize_continuous(Path(tmp_conf), Path(dest), provenance, [("confidence", {})], "confidence raster",
-                                stage)
+                                stage, level)
 
 
 def finalize_probabilities(tmp: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                           stage: Stage | None = None) -> Path:
+                           stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
     """Write ``tmp`` (one uint8 0-100 band per class, in card order, nodata 255) as a COG, atomically."""
     bands = [(f"probability of {c.name}", {"CLASS_CODE": str(c.code), "CLASS_NAME": c.name}) for c in card.classes]
-    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster", stage)
+    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster", stage, level)
 
 
 def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
-                         bands: Sequence[tuple[str, dict[str, str]]], what: str, stage: Stage | None) -> Path:
+                         bands: Sequence[tuple[str, dict[str, str]]], what: str, stage: Stage | None,
+                         level: int) -> Path:
     with within(stage) as stage:
         cog = stage.add(dest)
         stage.add(MaskFiles(dest).aux, cog.with_name(cog.name + ".aux.xml"), optional=True)
@@ -462,7 +465,7 @@ def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
             for index, (description, tags) in enumerate(bands, start=1):
                 band = vrt_band(root, index, description=description, tags=tags, unit="%")
                 vrt_source(band, tmp.resolve(), index)
-        _write_cog(root, cog, resampling="AVERAGE", predictor=True)
+        _write_cog(root, cog, resampling="AVERAGE", predictor=True, level=level)
     return dest
 
 

@@ -144,11 +144,12 @@ def publish(done: Temporaries, card: ModelCard, provenance: dict[str, str]) -> P
                   ("probabilities", files.probabilities, outputs.finalize_probabilities, (card,)))
     with rasterio.Env(GTIFF_DIRECT_IO=True), outputs.staged() as stage:
         try:
+            level = done.section.deflate_level
             outputs.finalize_mask(done.paths["classes"], files.mask, card, provenance, pixels=done.pixels,
-                                  stage=stage)
+                                  stage=stage, level=level)
             for name, dest, finalize, args in continuous:
                 if name in done.paths:
-                    finalize(done.paths[name], dest, *args, provenance, stage=stage)
+                    finalize(done.paths[name], dest, *args, provenance, stage=stage, level=level)
                 else:
                     stage.add(dest, optional=True)
                     stage.add(outputs.MaskFiles(dest).aux, optional=True)

@@ -148,6 +148,29 @@ def test_every_raster_output_carries_the_provenance_tags(tmp_path, finished):
             assert PROVENANCE.items() <= src.tags().items(), path
 
 
+@pytest.mark.parametrize("finalize", ["mask", "confidence"])
+def test_a_lower_deflate_level_writes_the_same_pixels_in_more_bytes(tmp_path, finalize):
+    yy, xx = np.mgrid[0:600, 0:600]
+    field = np.sin(xx / 17) + np.cos(yy / 23) + 0.3 * np.sin((xx + yy) / 7)
+    pixels = (np.abs(np.sin(field * 3)) * 100).astype(np.uint8) if finalize == "confidence" else \
+        np.clip((field + 2.3) / 4.6 * len(CARD.classes), 0, len(CARD.classes) - 1).astype(np.uint8)
+    sizes, read = {}, {}
+    for level in (1, 9):
+        tmp = tmp_raster(tmp_path, pixels, name=f"{finalize}{level}.tif")
+        dest = tmp_path / f"out{level}" / "scene.tif"
+        dest.parent.mkdir()
+        if finalize == "mask":
+            written = finalize_mask(tmp, dest, CARD, PROVENANCE, level=level)
+        else:
+            written = finalize_confidence(tmp, dest, PROVENANCE, level=level)
+        sizes[level] = written.stat().st_size
+        with rasterio.open(written) as src:
+            read[level] = src.read(1)
+    np.testing.assert_array_equal(read[1], pixels)
+    np.testing.assert_array_equal(read[9], pixels)
+    assert sizes[1] > sizes[9], sizes
+
+
 def test_qgis_style_lists_every_class_with_its_colour_and_name(finished):
     _, dest = finished
     root = ET.parse(MaskFiles(dest).style).getroot()

@@ -160,8 +160,28 @@ def test_tile_size_does_not_change_the_result(tmp_path, make_workflow):
     assert (results[32] == results[96]).mean() >= 0.9999
 
 
+def test_the_deflate_level_trades_bytes_for_cpu_and_nothing_else(tmp_path, make_workflow):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "big.tif", scene(300, 340, seed=4))
+    wf = make_workflow(inputs, output={"dir": str(tmp_path / "out"), "confidence": True})
+    sizes, pixels = {}, {}
+    for level in (1, 12):
+        out = tmp_path / f"out{level}"
+        assert run(wf, "--output", str(out), "--set", f"output.deflate_level={level}") == 0
+        sizes[level] = sum((out / name).stat().st_size for name in ("big.tif", "big.confidence.tif"))
+        with rasterio.open(out / "big.tif") as mask, rasterio.open(out / "big.confidence.tif") as conf:
+            pixels[level] = (mask.read(), conf.read())
+    assert sizes[1] > sizes[12], sizes
+    for a, b in zip(pixels[1], pixels[12]):
+        np.testing.assert_array_equal(a, b)
+    assert run(wf, "--output", str(tmp_path / "out1"), "--set", "output.deflate_level=12") == 0  # finished work stays
+    assert (tmp_path / "out1" / "big.tif").stat().st_size + (tmp_path / "out1" / "big.confidence.tif").stat().st_size == sizes[1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tile", "30"], "multiple of the model's down-sampling factor"),
+    (["--set", "output.deflate_level=0"], "output.deflate_level"),
     (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
     (["--set", "tiling.halo=-4"], "tiling.halo"),
     (["--tile", "30", "--batch", "auto"], "multiple of the model's down-sampling factor"),
