@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pipeline.io import packed_shape
 from pipeline.windows import TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
 from unet_flax.model import fold_batch_norm
@@ -201,8 +202,8 @@ class Predictor:
         """``n <= batch`` tiles (n, bands, S, S) and where they are valid, as bits (n, S, S / 8:
         :func:`pipeline.io.pack_valid`; None: everywhere), padded with invalid zeros to the
         compiled shape."""
-        n, (_, size, _) = x.shape[0], self.input_shape[1:]
-        packed = (n, size, -(-size // 8))
+        n = x.shape[0]
+        packed = packed_shape(n, self.input_shape[-1])
         if n > self.batch or x.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"expected at most {self.input_shape} tiles, got {x.shape}")
         valid = np.full(packed, 255, np.uint8) if valid is None else valid
@@ -250,8 +251,8 @@ class Predictor:
         work no cache keeps)."""
         bands = self.input_shape[1]
         x = jax.ShapeDtypeStruct(self.input_shape, np.dtype(dtype), sharding=self.input_sharding)
-        size = self.input_shape[2]
-        valid = jax.ShapeDtypeStruct((self.batch, size, -(-size // 8)), np.dtype(np.uint8), sharding=self.input_sharding)
+        valid = jax.ShapeDtypeStruct(packed_shape(self.batch, self.input_shape[-1]), np.dtype(np.uint8),
+                                     sharding=self.input_sharding)
         scale = jax.ShapeDtypeStruct((bands,), np.dtype(np.float32), sharding=self._replicated)
         return self._forward.lower(self._state, x, valid, scale, scale)
 

@@ -130,6 +130,11 @@ def pack_valid(valid: np.ndarray) -> np.ndarray:
     return np.packbits(valid, axis=-1)
 
 
+def packed_shape(tiles: int, size: int) -> tuple[int, int, int]:
+    """The shape of :func:`pack_valid` of ``tiles`` tiles of ``size`` x ``size`` pixels."""
+    return tiles, size, -(-size // 8)
+
+
 def read_tile(src: rasterio.DatasetReader, tile: Tile, bands: list[int], reader: ChunkReader | None = None,
               out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (bands, S, S) of ``tile.read`` and where they are valid (S, S); the pixels

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader
-from pipeline.io import pack_valid, read_tile, wire_dtype
+from pipeline.io import pack_valid, packed_shape, read_tile, wire_dtype
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
 
@@ -68,7 +68,7 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size
         if out is None:
             dtype = wire_dtype([src.dtypes[b - 1] for b in bands]) if dtype is None else dtype
             out = np.empty((len(tiles), len(bands), read_size, read_size), dtype)
-        valid = np.empty((len(tiles), read_size, -(-read_size // 8)), np.uint8) if valid is None else valid
+        valid = np.empty(packed_shape(len(tiles), read_size), np.uint8) if valid is None else valid
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
         if key is not None:
             CHUNKS.resize(_chunk_budget(reader, tiles, keep), key)
@@ -165,16 +165,14 @@ class SharedBatch:
 
 def _size(shape: tuple[int, ...], dtype: np.dtype) -> int:
     """Bytes of a batch of ``shape`` values of ``dtype`` and its validity (as bits)."""
-    n, _, rows, cols = shape
-    return math.prod(shape) * dtype.itemsize + n * rows * -(-cols // 8)
+    return math.prod(shape) * dtype.itemsize + math.prod(packed_shape(shape[0], shape[-1]))
 
 
 def _views(memory: mmap.mmap, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The values (``shape``, ``dtype``) and validity bits (tiles, S, S / 8) laid out in ``memory``."""
-    n, _, rows, cols = shape
-    values, packed = math.prod(shape), -(-cols // 8)
+    values, packed = math.prod(shape), packed_shape(shape[0], shape[-1])
     return (np.frombuffer(memory, dtype, values).reshape(shape),
-            np.frombuffer(memory, np.uint8, n * rows * packed, offset=values * dtype.itemsize).reshape(n, rows, packed))
+            np.frombuffer(memory, np.uint8, math.prod(packed), offset=values * dtype.itemsize).reshape(packed))
 
 
 class BatchBuffers:
@@ -230,12 +228,12 @@ class NoSharedBatch(Exception):
 
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
-                   bands: Sequence[int], read_size: int, key: Hashable = None,
-                   dtype: np.dtype | None = None) -> BatchInputs:
-    """:func:`read_tiles` in one of ``pool``'s processes: the same batch, read beside this
-    process's GIL into shared memory of its own, which this process maps (no copy) and which
-    lasts as long as the batch. Where it cannot be shared, the batch is read here."""
-    shape, dtype = (len(tiles), len(bands), read_size, read_size), _wire(path, bands, dtype)
+                   bands: Sequence[int], read_size: int, key: Hashable = None, *, dtype: np.dtype) -> BatchInputs:
+    """:func:`read_tiles` in one of ``pool``'s processes, in ``dtype`` (the wire dtype the
+    planner chose): the same batch, read beside this process's GIL into shared memory of its
+    own, which this process maps (no copy) and which lasts as long as the batch. Where it
+    cannot be shared, the batch is read here."""
+    shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     buffer = _new_buffer(shape, dtype)
     try:
         return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
@@ -246,11 +244,11 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 
 @contextlib.contextmanager
 def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
-                   bands: Sequence[int], read_size: int, key: Hashable = None,
-                   dtype: np.dtype | None = None) -> Iterator[BatchInputs]:
+                   bands: Sequence[int], read_size: int, key: Hashable = None, *,
+                   dtype: np.dtype) -> Iterator[BatchInputs]:
     """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
     batch is valid inside it only."""
-    shape, dtype = (len(tiles), len(bands), read_size, read_size), _wire(path, bands, dtype)
+    shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     with BUFFERS.lend(shape, dtype) as buffer:
         yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
 
@@ -275,14 +273,6 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     x, valid = buffer.arrays
     return BatchInputs(x[: len(tiles)], valid[: len(tiles)],
                        tuple(_all_valid(t.core.height, t.core.width) if m is None else m for m, t in zip(masks, tiles)))
-
-
-def _wire(path: str, bands: Sequence[int], dtype: np.dtype | None) -> np.dtype:
-    """``dtype``, or where None the wire dtype of ``path``'s ``bands``."""
-    if dtype is None:
-        with rasterio.open(path) as src:
-            return wire_dtype([src.dtypes[b - 1] for b in bands])
-    return np.dtype(dtype)
 
 
 _UNSHARED: list[str] = []

@@ -91,7 +91,7 @@ def read_batch(job: BatchJob) -> BatchInputs:
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     if pool is None:
         return read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
-    return read_elsewhere(pool, *_read_args(job), np.dtype(job.dtype))
+    return read_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype))
 
 
 @contextlib.contextmanager
@@ -102,7 +102,7 @@ def lent_batch(job: BatchJob) -> Iterator[BatchInputs]:
     if pool is None:
         yield read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
         return
-    with lend_elsewhere(pool, *_read_args(job), np.dtype(job.dtype)) as inputs:
+    with lend_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype)) as inputs:
         yield inputs
 
 

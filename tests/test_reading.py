@@ -55,8 +55,9 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     before = leftovers()
     for tiles in tile_batches(90, 70, spec, 4):  # the last batch has 2 tiles
         here = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size)
-        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key)
-        with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key) as lent:
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key, dtype=np.dtype(dtype))
+        with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key,
+                                    dtype=np.dtype(dtype)) as lent:
             for batch in (there, lent):
                 assert batch.x.dtype == here.x.dtype == np.dtype(dtype)  # the input's own values
                 np.testing.assert_array_equal(batch.x, here.x)
@@ -79,9 +80,9 @@ def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
     pool = reading.reader_pool(READERS)
     before = leftovers()
     with pytest.raises(rasterio.errors.RasterioError):
-        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size)
+        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16)
     assert leftovers() == before
-    x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], spec.read_size).x
+    x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16).x
     np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], spec.read_size).x)
 
 
@@ -95,11 +96,11 @@ def test_a_killed_reader_fails_its_batch_and_the_next_batch_gets_new_readers(tmp
         os.kill(pid, signal.SIGKILL)  # as the out-of-memory killer would
     before = leftovers()
     with pytest.raises(BrokenProcessPool):
-        reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size)
+        reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16)
     assert leftovers() == before
     fresh = reading.reader_pool(3)
     assert fresh is not pool
-    x = reading.read_elsewhere(fresh, path, tiles, [1, 2, 3, 4], spec.read_size).x
+    x = reading.read_elsewhere(fresh, path, tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16).x
     np.testing.assert_array_equal(x, reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x)
 
 
@@ -115,10 +116,11 @@ def test_without_room_in_shared_memory_the_batch_is_read_in_the_worker(tmp_path,
     with caplog.at_level(logging.WARNING, logger="pipeline.reading"):
         for tiles in tile_batches(40, 40, spec, 2):
             want = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x
-            x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], spec.read_size).x
+            x = reading.read_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4], spec.read_size,
+                                       dtype=UINT16).x
             np.testing.assert_array_equal(x, want)
             with reading.lend_elsewhere(reading.reader_pool(READERS), path, tiles, [1, 2, 3, 4],
-                                        spec.read_size) as lent:
+                                        spec.read_size, dtype=UINT16) as lent:
                 np.testing.assert_array_equal(lent.x, want)
     assert leftovers() == before
     assert len([r for r in caplog.records if "no shared memory for a batch (No space left on device)" in r.getMessage()]) == 1  # 4 reads, said once
@@ -136,8 +138,8 @@ def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_
         for tiles in tile_batches(40, 40, spec, 2):
             want = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size).x
             np.testing.assert_array_equal(reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4],
-                                                                 spec.read_size).x, want)
-            with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size) as lent:
+                                                                 spec.read_size, dtype=UINT16).x, want)
+            with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16) as lent:
                 np.testing.assert_array_equal(lent.x, want)
     said = [r.getMessage() for r in caplog.records if "cannot open shared memory" in r.getMessage()]
     assert len(said) == 1 and "no-such-fd" in said[0]
@@ -164,7 +166,7 @@ def test_a_lent_buffer_serves_one_batch_at_a_time():
 def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch, precision):
     elsewhere, dtypes = [], set()
     monkeypatch.setattr(tasks, "lend_elsewhere",
-                        lambda *a: elsewhere.append(a[1]) or dtypes.add(a[-1]) or reading.lend_elsewhere(*a))
+                        lambda *a, **k: elsewhere.append(a[1]) or dtypes.add(k["dtype"]) or reading.lend_elsewhere(*a, **k))
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
