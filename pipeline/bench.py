@@ -13,7 +13,8 @@ One run measures, on one model and one tile setting:
   whole process tree is measured alone; the ratio end-to-end / model-only; and the host's
   ceiling, the same run with the compiled forward pass swapped for one that thresholds band 1
   (every batch still goes to the device and back; reading, stitching and writing are all that
-  is left);
+  is left), with the CPU it cost per megapixel written in the run's process, its readers and
+  its finishers, and the rate at which all the host's cores could do that work;
 * **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
 * **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
   second process with the cache the first one filled;
@@ -64,6 +65,7 @@ class BenchOptions:
     threads: int | None = None  # dask threads of the end-to-end runs; None: the workflow default
     scenes: int = 1  # copies of the scene the end-to-end runs go through (a night's folder, not one file)
     readers: int | str = "auto"  # runtime.readers of the end-to-end runs
+    finishers: int | str = "auto"  # runtime.finishers of the end-to-end runs
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -266,9 +268,10 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
                    cache: Path, precision: str, threads: int | None = None,
-                   readers: int | str = "auto") -> dict[str, Any]:
+                   readers: int | str = "auto", finishers: int | str = "auto") -> dict[str, Any]:
     """The workflow an end-to-end measurement runs, as plain data (``threads``: dask threads;
-    the runner keeps twice as many batches in flight; ``readers``: ``runtime.readers``)."""
+    the runner keeps twice as many batches in flight; ``readers`` and ``finishers``: the
+    ``runtime`` settings)."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
@@ -278,7 +281,7 @@ def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, 
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
             "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision),
-                        "readers": readers},
+                        "readers": readers, "finishers": finishers},
             **({"dask": {"threads": threads}} if threads else {})}
 
 
@@ -357,42 +360,45 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile(SCENE_DTYPE)
     readers = resolve_readers(wf.runtime.readers, wf.dask.threads)  # as the local cluster's one worker will
-    start_readers(readers)  # started before the run, like the model
-    start_finishers(resolve_finishers(wf.runtime.finishers, jax.default_backend()))  # as the run will at its first batch
+    finishers = resolve_finishers(wf.runtime.finishers, jax.default_backend())
+    roles = {"readers": start_readers(readers),  # started before the run, like the model
+             "finishers": start_finishers(finishers)}  # as the run will at its first batch
     if not model:  # the tasks of this process share this predictor (threads of a local cluster)
         predictor._forward = _no_model(predictor)
         predictor(np.zeros(predictor.input_shape, SCENE_DTYPE))
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    cpu0, t0 = _cpu_seconds(roles), time.perf_counter()
     report = run_workflow(wf, progress=False, echo=lambda line: None)
-    seconds, cpu1 = time.perf_counter() - t0, _cpu_seconds()
+    seconds, cpu1 = time.perf_counter() - t0, _cpu_seconds(roles)
     failed = [f.error for f in report.files if f.status != "ok"]
     if failed:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
-              "model_batch_s": max(report.model_batch_s.values(), default=None),
-              "cpu_s": {"process": cpu1[0] - cpu0[0], "children": cpu1[1] - cpu0[1]}}
+              "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
+              "cpu_s": {who: cpu1[who] - cpu0.get(who, 0.0) for who in cpu1}}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
     return result
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """CPU seconds (user and system) used so far by this process, and by its live children
-    (readers and finishers, started before a timed run and alive after it)."""
+def _cpu_seconds(roles: dict[str, frozenset[int]]) -> dict[str, float]:
+    """CPU seconds (user and system) used so far by this process and by its live children,
+    summed by role: each of ``roles`` names its children's process ids (readers and finishers,
+    started before a timed run and alive after it); any other child is ``other``."""
     import psutil
 
     me = psutil.Process()
-    children = 0.0
+    seconds = {"process": sum(me.cpu_times()[:2]), **dict.fromkeys(roles, 0.0), "other": 0.0}
     for child in me.children(recursive=True):
+        role = next((name for name, pids in roles.items() if child.pid in pids), "other")
         try:
-            children += sum(child.cpu_times()[:2])
+            seconds[role] += sum(child.cpu_times()[:2])
         except psutil.Error:
             pass
-    return sum(me.cpu_times()[:2]), children
+    return seconds
 
 
 def _model_batches(predictor: Any, wf: Any, card: Any, spec: Any, runs: int = 3) -> Any:
@@ -540,7 +546,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
         report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
                                 "bands": cfg.in_bands, "threads": opts.threads,
-                                "readers": e2e["readers"], "seconds": e2e["seconds"],
+                                "readers": e2e["readers"], "finishers": e2e["finishers"], "seconds": e2e["seconds"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
                                 # a whole run is many batches, some slower: against the median batch too
@@ -564,7 +570,11 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                     host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"],
                                     # what the host spends per megapixel written: on an accelerator,
                                     # where every core is busy, this sets the host's ceiling
-                                    cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=_per_mpx(host))
+                                    cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=_per_mpx(host),
+                                    cores=_cores())
+        # every core busy with nothing but this host work: a bound no arrangement of processes passes
+        report["end_to_end"]["host_cpu_bound_mpx_per_s"] = (
+            1000 * report["end_to_end"]["cores"] / sum(report["end_to_end"]["host_cpu_ms_per_mpx"].values()))
         echo(f"host ceiling {opts.size}^2 ({host['seconds']:.1f} s): {host_mpx:.3f} Mpx/s, "
              f"{report['end_to_end']['host_over_model_only']:.2f}x model only")
 
@@ -660,7 +670,7 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
              precision: str, opts: BenchOptions, model: bool = True) -> dict[str, Any]:
     wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
-                        opts.threads, opts.readers)
+                        opts.threads, opts.readers, opts.finishers)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
     result, (rss, pss), wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
@@ -669,8 +679,13 @@ def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any
 
 def _per_mpx(run: dict[str, Any]) -> dict[str, float]:
     """A run's CPU milliseconds per megapixel written: its process's (the driver and the local
-    cluster's worker) and its children's (readers and finishers)."""
+    cluster's worker), its readers', its finishers' and any other child's."""
     return {who: 1000 * seconds / (run["pixels"] / 1e6) for who, seconds in run["cpu_s"].items()}
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
@@ -721,6 +736,17 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
+def _cpu_roles(e2e: dict[str, Any]) -> str:
+    """Where the host ceiling's CPU went, per megapixel written, role by role."""
+    ms, counts = e2e["host_cpu_ms_per_mpx"], {"readers": e2e.get("readers"), "finishers": e2e.get("finishers")}
+    parts = [f"{ms['process']:.0f} ms in the run's process"]
+    parts += [f"{ms[role]:.0f} ms in {counts[role]} {role if counts[role] > 1 else role[:-1]}"
+              for role in ("readers", "finishers") if counts[role]]
+    if ms.get("other", 0) >= 0.5:
+        parts.append(f"{ms['other']:.0f} ms in other children")
+    return ", ".join(parts)
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
@@ -754,9 +780,8 @@ def format_table(report: dict[str, Any]) -> str:
                                f"{100 * e['model_busy_share']:.1f}% of the run's wall time"),
         ("host ceiling", f"{e['host_mpx_per_s']:.3f} Mpx/s: the same run without the model's cost, "
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it); CPU per Mpx "
-                         f"written {e['host_cpu_ms_per_mpx']['process']:.0f} ms in the run's process"
-                         + (f", {e['host_cpu_ms_per_mpx']['children']:.0f} ms in its readers and finishers"
-                            if e["host_cpu_ms_per_mpx"]["children"] else "")),
+                         f"written {_cpu_roles(e)}; its {e['cores']} cores all busy with it: "
+                         f"{e['host_cpu_bound_mpx_per_s']:.1f} Mpx/s"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
                    f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model); shared pages "
@@ -802,12 +827,12 @@ def batch_size(text: str) -> int | str:
     return int(text)
 
 
-def reader_count(text: str) -> int | str:
-    """A --readers value (argparse type): a count of reader processes, 0 included, or auto."""
+def process_count(text: str) -> int | str:
+    """A --readers or --finishers value (argparse type): a count of processes, 0 included, or auto."""
     if text == "auto":
         return text
     if not text.isdigit():
-        raise argparse.ArgumentTypeError("--readers is a number of processes (0: none) or auto")
+        raise argparse.ArgumentTypeError("a number of processes (0: none) or auto")
     return int(text)
 
 
@@ -827,9 +852,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=1,
                    help="end-to-end runs go through this many copies of the scene (default 1): a folder's "
                         "throughput, with more batches in flight than one scene has")
-    p.add_argument("--readers", type=reader_count, default="auto",
+    p.add_argument("--readers", type=process_count, default="auto",
                    help="reader processes of the end-to-end runs (runtime.readers; default auto: none on CPU, "
                         "one per core up to --threads on GPU/TPU)")
+    p.add_argument("--finishers", type=process_count, default="auto",
+                   help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
+                        "on CPU, 2 on GPU/TPU)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -842,7 +870,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
-                  readers=args.readers, torch=args.torch, workdir=args.workdir)
+                  readers=args.readers, finishers=args.finishers, torch=args.torch, workdir=args.workdir)
     if args.quick:
         return quick_options(**common)
     return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,

@@ -113,12 +113,11 @@ def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None
     return pool
 
 
-def start_readers(processes: int) -> None:
+def start_readers(processes: int) -> frozenset[int]:
     """Start this process's ``processes`` readers now rather than with the first batches,
-    and return once every one has."""
+    and return their process ids once every one has started."""
     pool = reader_pool(processes)
-    if pool is not None:
-        children.start(pool, processes, __name__)
+    return frozenset() if pool is None else frozenset(children.start(pool, processes, __name__))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

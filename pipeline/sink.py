@@ -194,14 +194,16 @@ def finisher_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | No
     return children.pool("finishers", processes) if processes > 0 else None
 
 
-def start_finishers(processes: int) -> None:
-    """Start ``processes`` finishers now, so that the first file's publication does not wait for them."""
+def start_finishers(processes: int) -> frozenset[int]:
+    """Start ``processes`` finishers now, so that the first file's publication does not wait
+    for them; return their process ids."""
     pool = finisher_pool(processes)
     if pool is not None:
         try:
-            children.start(pool, processes, __name__)
+            return frozenset(children.start(pool, processes, __name__))
         except BrokenProcessPool:  # the first file starts new ones
             children.drop(pool)
+    return frozenset()
 
 
 def verify_raster(path: Path, info: RasterInfo, count: int) -> None:

@@ -1,6 +1,7 @@
 """``tilepipe bench --quick``: every field of the report, with sane values (no timings asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from pipeline import bench
 
 def test_quick_bench_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["--quick", "--scenes", "2", "--readers", "2", "--json", str(out), "--workdir", str(tmp_path / "work")]
+    args = ["--quick", "--scenes", "2", "--readers", "2", "--finishers", "1", "--json", str(out),
+            "--workdir", str(tmp_path / "work")]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
     for key in bench.SCHEMA_KEYS:
@@ -44,9 +46,13 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert paired["run_batch_median_s"] > 0  # the run's own batches, against those timed beside it
     assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
-    for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, and its readers
-        assert cpu["process"] > 0 and cpu["children"] > 0
-    assert "CPU per Mpx written" in table
+    assert e2e["finishers"] == 1  # as asked: on CPU, auto would be none
+    for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, its readers and finishers
+        assert cpu["process"] > 0 and cpu["readers"] > 0 and cpu["finishers"] > 0
+    cores = len(os.sched_getaffinity(0))
+    assert e2e["cores"] == cores
+    assert e2e["host_cpu_bound_mpx_per_s"] == pytest.approx(1000 * cores / sum(e2e["host_cpu_ms_per_mpx"].values()))
+    assert "CPU per Mpx written" in table and "ms in 2 readers" in table and "ms in 1 finisher;" in table
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert mem["large_over_small_pss"] > 0 and "counted once (PSS)" in table
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
@@ -73,6 +79,7 @@ def test_bench_parser_defaults():
     assert opts.memory_sizes == (2048, 8192)
     assert opts.precision == "auto" and opts.threads is None and opts.scenes == 1 and opts.readers == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--readers", "0"])).readers == 0
+    assert opts.finishers == "auto" and bench.options_from_args(parser.parse_args(["bench", "--finishers", "3"])).finishers == 3
     assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--quick"])).quick
