@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -256,6 +257,25 @@ def test_a_local_clusters_workers_profile_only_when_asked(processes):
         with open_client(DaskSection(threads=1, processes=processes, profile=profile)) as client:
             sampling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert list(sampling.values()) == [profile]
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_local_clusters_housekeeping_is_slower_than_dasks_defaults(processes):
+    """The event loop's health check, the system and the memory monitors run on the cores the
+    model uses: a local cluster's scheduler and workers run them at ``LOCAL_HOUSEKEEPING``'s
+    intervals, in threads and in worker processes alike."""
+
+    def intervals(dask_worker=None, dask_scheduler=None):
+        server = dask_worker or dask_scheduler
+        return {name: pc.callback_time for name, pc in server.periodic_callbacks.items()
+                if name in ("tick", "monitor", "memory_monitor")}
+
+    with open_client(DaskSection(threads=1, processes=processes)) as client:
+        workers = list(client.run(intervals).values())
+        scheduler = client.run_on_scheduler(intervals)
+    assert workers == [{"tick": 500, "monitor": 2000, "memory_monitor": 500}]
+    assert scheduler == {"tick": 500, "monitor": 2000}
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # the driver's own config is left as it was
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
