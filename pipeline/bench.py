@@ -346,16 +346,15 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.config import Workflow
     from pipeline.infer import configure_jax, get_predictor, resolve_readers
     from pipeline.reading import start_readers
-    from pipeline.runner import run_workflow
+    from pipeline.runner import resolve_tiling, run_workflow
     from pipeline.sink import resolve_finishers, start_finishers
-    from pipeline.windows import tile_spec
     from unet_flax.checkpoint import file_sha256, read_card
 
     wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
     card = read_card(wf.model.checkpoint)
     t0 = time.perf_counter()
     configure_jax(str(wf.runtime.compilation_cache))
-    spec = tile_spec(wf.tiling.tile, wf.tiling.halo, card.unet.factor)
+    wf, spec = resolve_tiling(wf, card)
     predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
                               wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
     predictor.compile(SCENE_DTYPE)
@@ -827,12 +826,12 @@ def batch_size(text: str) -> int | str:
     return int(text)
 
 
-def process_count(text: str) -> int | str:
-    """A --readers or --finishers value (argparse type): a count of processes, 0 included, or auto."""
+def count_or_auto(text: str) -> int | str:
+    """A --readers, --finishers or --halo value (argparse type): a whole number, 0 included, or auto."""
     if text == "auto":
         return text
     if not text.isdigit():
-        raise argparse.ArgumentTypeError("a number of processes (0: none) or auto")
+        raise argparse.ArgumentTypeError("a whole number (0 included) or auto")
     return int(text)
 
 
@@ -852,10 +851,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=1,
                    help="end-to-end runs go through this many copies of the scene (default 1): a folder's "
                         "throughput, with more batches in flight than one scene has")
-    p.add_argument("--readers", type=process_count, default="auto",
+    p.add_argument("--readers", type=count_or_auto, default="auto",
                    help="reader processes of the end-to-end runs (runtime.readers; default auto: none on CPU, "
                         "one per core up to --threads on GPU/TPU)")
-    p.add_argument("--finishers", type=process_count, default="auto",
+    p.add_argument("--finishers", type=count_or_auto, default="auto",
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
                         "on CPU, 2 on GPU/TPU)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help="input directory or GDAL virtual folder (overrides input.dir)")
     run.add_argument("--output", type=Path, help="output directory (overrides output.dir)")
     run.add_argument("--tile", type=int, help="core tile size in pixels")
-    run.add_argument("--halo", type=int, help="context pixels on every side of a tile")
+    run.add_argument("--halo", type=bench.count_or_auto,
+                     help="context pixels on every side of a tile, or auto (the model's receptive radius)")
     run.add_argument("--batch", type=bench.batch_size, help="tiles per compiled batch, or auto")
     run.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
     run.add_argument("--report", type=Path, help="also write the JSON run report here")

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -87,18 +88,22 @@ class NormaliseSection(Section):
 
 
 class TilingSection(Section):
-    tile: int = Field(256, ge=16, le=8192, description="core tile size in pixels")
-    halo: int = Field(64, ge=0, le=1024, description="context pixels read on every side")
+    tile: int = Field(512, ge=16, le=8192, description="core tile size in pixels (512 by default: "
+                      "the halo is read and computed for every tile, so bigger tiles pay for less of it)")
+    halo: int | Literal["auto"] = Field("auto", description="context pixels read on every side, or auto (the "
+                                        "default): the model's receptive radius, rounded up to a multiple of its "
+                                        "down-sampling factor, so that tiles join without seams")
     batch: int | Literal["auto"] = Field("auto", description="tiles per compiled batch, or auto (the default): "
                                          "the largest power of two that still speeds the model up (probed once, "
                                          "remembered in runtime.compilation_cache)")
 
-    @field_validator("batch")
+    @field_validator("halo", "batch")
     @classmethod
-    def _batch_range(cls, batch: int | str) -> int | str:
-        if isinstance(batch, int) and not 1 <= batch <= 1024:
-            raise ValueError("batch must be auto or an integer in 1..1024")
-        return batch
+    def _auto_or_in_range(cls, value: int | str, info: ValidationInfo) -> int | str:
+        low, high = {"halo": (0, 1024), "batch": (1, 1024)}[info.field_name]
+        if isinstance(value, int) and not low <= value <= high:
+            raise ValueError(f"{info.field_name} must be auto or an integer in {low}..{high}")
+        return value
 
 
 class DaskSection(Section):

@@ -63,7 +63,7 @@ from pipeline.sink import (
     start_finishers,
 )
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
-from pipeline.windows import TileSpec, tile_batches, tile_spec
+from pipeline.windows import TileSpec, seamless_halo, tile_batches, tile_spec
 from unet_flax.card import ModelCard
 from unet_flax.checkpoint import CheckpointError, file_sha256, read_card
 
@@ -188,6 +188,19 @@ def expected_outputs(wf: Workflow, dest: Path) -> list[Path]:
     return [path for on, path in wanted if on]
 
 
+def resolve_tiling(wf: Workflow, card: ModelCard) -> tuple[Workflow, TileSpec]:
+    """``wf`` with ``tiling.halo: auto`` replaced by the model's seamless halo
+    (:func:`~pipeline.windows.seamless_halo`), and its tiles checked against the model."""
+    halo = wf.tiling.halo
+    if halo == "auto":
+        halo = seamless_halo(card.unet.receptive_radius, card.unet.factor)
+    try:
+        spec = tile_spec(wf.tiling.tile, halo, card.unet.factor)
+    except ValueError as exc:
+        raise WorkflowError(str(exc)) from exc
+    return wf.model_copy(update={"tiling": wf.tiling.model_copy(update={"halo": halo})}), spec
+
+
 def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> FileJob:
     """Inspect one input and cut it into batch jobs; :class:`InputError` if it cannot run."""
     info = inspect_raster(path, wf.bands)
@@ -255,10 +268,7 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
     t0 = time.perf_counter()
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     model = load_model_ref(wf)
-    try:
-        spec = tile_spec(wf.tiling.tile, wf.tiling.halo, model.card.unet.factor)
-    except ValueError as exc:
-        raise WorkflowError(str(exc)) from exc
+    wf, spec = resolve_tiling(wf, model.card)
     if isinstance(wf.input.dir, Path) and wf.output.dir.resolve() == wf.input.dir.resolve():
         raise WorkflowError("output.dir: must differ from input.dir (outputs would be read as inputs next run)")
     wf = resolve_batch(wf, spec)  # after the workflow is known to be valid: probing compiles the model

@@ -45,6 +45,12 @@ def tile_spec(tile: int, halo: int, factor: int) -> TileSpec:
     return TileSpec(tile, halo)
 
 
+def seamless_halo(radius: int, factor: int) -> int:
+    """The least halo that is a multiple of ``factor`` and covers a receptive ``radius``: with
+    it, tiles predict what the whole image would."""
+    return -(-radius // factor) * factor
+
+
 @dataclasses.dataclass(frozen=True)
 class Tile:
     """One tile: ``core`` is the part written (clipped to the raster), ``read`` is the

@@ -27,6 +27,8 @@ def test_relative_paths_are_relative_to_the_workflow_file(tmp_path, monkeypatch)
 @pytest.mark.parametrize("change, field", [
     ({"tiling": {"tile": "big"}}, "tiling.tile"),
     ({"tiling": {"tyle": 3}}, "tiling.tyle: unknown field"),
+    ({"tiling": {"halo": -8}}, "tiling.halo"),
+    ({"tiling": {"halo": "wide"}}, "tiling.halo"),
     ({"bands": [0, 1]}, "bands"),
     ({"bands": []}, "bands"),
     ({"normalise": {"scale": [1.0, 2.0, 3.0]}}, "normalise.scale"),
@@ -37,6 +39,13 @@ def test_relative_paths_are_relative_to_the_workflow_file(tmp_path, monkeypatch)
 def test_bad_fields_are_reported_by_name(tmp_path, change, field):
     with pytest.raises(WorkflowError, match=field.replace(".", r"\.")):
         load_workflow(write(tmp_path, {**BASE, **change}))
+
+
+def test_tiles_are_512_with_the_models_seamless_halo_unless_the_workflow_says(tmp_path):
+    wf = load_workflow(write(tmp_path, BASE))
+    assert (wf.tiling.tile, wf.tiling.halo, wf.tiling.batch) == (512, "auto", "auto")
+    wf = load_workflow(write(tmp_path, {**BASE, "tiling": {"tile": 256, "halo": 64}}))
+    assert (wf.tiling.tile, wf.tiling.halo) == (256, 64)
 
 
 def test_missing_sections_are_named(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import TINY
 from pipeline.infer import Predictor, get_predictor, normalise, unpack_valid
 from pipeline.io import Normaliser, pack_valid
-from pipeline.windows import plan_tiles, reflect_indices, tile_spec
+from pipeline.windows import plan_tiles, reflect_indices, seamless_halo, tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from unet_flax.model import UNetConfig, create_unet
 
@@ -102,7 +102,7 @@ def tiled_logits_classes(predictor, image, spec):
 @pytest.mark.parametrize("tile", [32, 48, 96])
 def test_tiled_inference_equals_whole_image_inference_when_halo_covers_the_receptive_field(tiny_checkpoint, tile):
     checkpoint = load_checkpoint(tiny_checkpoint)
-    halo = TINY.receptive_radius + (-TINY.receptive_radius % TINY.factor)
+    halo = seamless_halo(TINY.receptive_radius, TINY.factor)
     image = np.random.default_rng(1).standard_normal((90, 110, 4)).astype(np.float32)
     tiled = tiled_logits_classes(Predictor(checkpoint, tile_spec(tile, halo, TINY.factor), 1), image,
                                  tile_spec(tile, halo, TINY.factor))

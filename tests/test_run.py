@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import scene, write_raster
+from conftest import TINY, scene, write_raster
 
 from pipeline import reading
 from pipeline.chunks import ChunkCache
 from pipeline.cli import main
 from pipeline.outputs import stored_pixels
+from pipeline.windows import seamless_halo
 
 
 def run(workflow, *extra):
@@ -179,11 +180,33 @@ def test_the_deflate_level_trades_bytes_for_cpu_and_nothing_else(tmp_path, make_
     assert (tmp_path / "out1" / "big.tif").stat().st_size + (tmp_path / "out1" / "big.confidence.tif").stat().st_size == sizes[1]
 
 
+def test_halo_auto_is_the_models_seamless_halo(tmp_path, make_workflow, capsys):
+    """``tiling.halo: auto``, the default, is the model's receptive radius rounded up to its
+    factor: the same result as that halo written out, so a rerun with it redoes nothing; a
+    narrower halo is a different result, said to be short of the model's reach."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "big.tif", scene(150, 170, seed=4))
+    wf, out = make_workflow(inputs), tmp_path / "out"
+    halo = seamless_halo(TINY.receptive_radius, TINY.factor)
+    assert TINY.receptive_radius == 26 and halo == 28
+    assert run(wf, "--halo", "auto", "--output", str(out)) == 0
+    assert "receptive radius" not in "".join(capsys.readouterr())
+    written = (out / "big.tif").stat().st_mtime_ns
+    assert run(wf, "--halo", str(halo), "--output", str(out)) == 0
+    assert (out / "big.tif").stat().st_mtime_ns == written  # skipped: the same result
+    assert run(wf, "--halo", "8", "--output", str(out)) == 0
+    assert (out / "big.tif").stat().st_mtime_ns != written
+    assert "halo 8 < receptive radius 26" in "".join(capsys.readouterr())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tile", "30"], "multiple of the model's down-sampling factor"),
     (["--set", "output.deflate_level=0"], "output.deflate_level"),
     (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
     (["--set", "tiling.halo=-4"], "tiling.halo"),
+    (["--set", "tiling.halo=wide"], "tiling.halo"),
+    (["--halo", "30"], "multiple of the model's down-sampling factor"),
     (["--tile", "30", "--batch", "auto"], "multiple of the model's down-sampling factor"),
     (["--set", "bands=[1,2]", "--batch", "auto"], "bands: the workflow selects 2"),
 ])

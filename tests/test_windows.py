@@ -13,6 +13,7 @@ from pipeline.windows import (
     plan_tiles,
     reflect_indices,
     reflect_pads,
+    seamless_halo,
     source_span,
     source_window,
     tile_batches,
@@ -22,6 +23,13 @@ from pipeline.windows import (
 sizes = st.integers(min_value=1, max_value=300)
 specs = st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 12), st.integers(0, 6)).map(
     lambda t: tile_spec(t[0] * t[1] * 4, t[0] * t[2], t[0]))
+
+
+@given(radius=st.integers(0, 500), factor=st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_the_seamless_halo_is_the_least_multiple_of_the_factor_that_covers_the_radius(radius, factor):
+    halo = seamless_halo(radius, factor)
+    assert halo % factor == 0 and radius <= halo < radius + factor
+    tile_spec(factor, halo, factor)  # a valid halo for the model
 
 
 @given(width=sizes, height=sizes, spec=specs, band_rows=st.integers(1, 5))
