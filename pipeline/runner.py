@@ -291,6 +291,10 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
         try:
             device = _run_inputs(ctx, inputs, force, progress)
         except BaseException as exc:  # SIGINT/SIGTERM arrive as BaseExceptions; anything else is a crash
+            # Every thread of the run has ended and the lock is still ours: a temporary left here
+            # now is one an interrupt caught between its creation and its owner's record of it.
+            with contextlib.suppress(OSError):
+                clean_partials(wf.output.dir)
             status, error = ("crashed", one_line(exc)) if isinstance(exc, Exception) else ("interrupted", None)
             ledger.finish_run(run_id, status, round(time.perf_counter() - t0, 3), error)
             raise

@@ -76,7 +76,7 @@ class MaskSink:
         try:
             for name, path in paths.items():
                 self.datasets[name] = outputs.open_raster(path, "w", count=bands[name], **profile)
-        except Exception:
+        except BaseException:  # an interrupt too: a file GDAL had just created is not in datasets yet
             self.discard()
             raise
 

@@ -24,11 +24,16 @@ import rasterio
 from conftest import scene, write_raster
 from rio_cogeo.cogeo import cog_validate
 
+import pipeline.outputs
 import pipeline.runner
-from pipeline.cli import EXIT_LOCKED, main
+from pipeline.cli import EXIT_LOCKED, Interrupted, main
+from pipeline.config import OutputSection, load_workflow
+from pipeline.io import inspect_raster
 from pipeline.errors import InputError
 from pipeline.ledger import fingerprint
 from pipeline.lock import hold_lock, lock_path
+from pipeline.runner import run_workflow
+from pipeline.sink import MaskSink
 from unet_flax.checkpoint import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,6 +393,46 @@ def test_sigkill_at_random_moments(tmp_path, make_workflow):
             proc.wait()
         assert_no_partial_outputs(inputs, outdir(tmp_path))
     finish_and_skip(tmp_path, wf, inputs, 6)
+
+
+def test_an_interrupt_while_a_sinks_temporaries_are_created_leaves_none(tmp_path, monkeypatch):
+    """GDAL has created the second temporary when the interrupt lands, before the sink holds it."""
+    write_raster(tmp_path / "s.tif", scene(40, 48))
+    real_open = pipeline.outputs.open_raster
+    opened = []
+
+    def interrupted_at_the_second(path, mode="r", **profile):
+        dataset = real_open(path, mode, **profile)
+        opened.append(path)
+        if len(opened) == 2:
+            raise Interrupted(signal.SIGTERM)
+        return dataset
+
+    monkeypatch.setattr(pipeline.outputs, "open_raster", interrupted_at_the_second)
+    with pytest.raises(Interrupted):
+        MaskSink(inspect_raster(tmp_path / "s.tif", [1, 2, 3, 4]), tmp_path / "out" / "s.tif",
+                 OutputSection(dir=str(tmp_path / "out"), confidence=True), 3)
+    assert len(opened) == 2 and partials(tmp_path / "out") == []
+
+
+def test_an_interrupt_before_the_runner_holds_a_new_sink_leaves_no_temporary(tmp_path, make_workflow,
+                                                                              monkeypatch):
+    """The interrupt lands after a file's temporaries exist but before the runner has recorded
+    its sink: the run still ends without them, and is recorded as interrupted."""
+    inputs = make_inputs(tmp_path, n=2, shape=(96, 128))
+    wf = load_workflow(make_workflow(inputs, output={"dir": str(outdir(tmp_path)), "run_products": False}))
+    real_sink = pipeline.runner.MaskSink
+
+    def interrupted_once_made(*args, **kwargs):
+        real_sink(*args, **kwargs)
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline.runner, "MaskSink", interrupted_once_made)
+    with pytest.raises(Interrupted):
+        run_workflow(wf, progress=False)
+    assert partials(outdir(tmp_path)) == []
+    ledger = sqlite3.connect(outdir(tmp_path) / ".tilepipe" / "ledger.sqlite")
+    assert ledger.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
