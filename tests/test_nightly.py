@@ -28,8 +28,8 @@ import pipeline.outputs
 import pipeline.runner
 from pipeline.cli import EXIT_LOCKED, Interrupted, main
 from pipeline.config import OutputSection, load_workflow
-from pipeline.io import inspect_raster
 from pipeline.errors import InputError
+from pipeline.io import inspect_raster
 from pipeline.ledger import fingerprint
 from pipeline.lock import hold_lock, lock_path
 from pipeline.runner import run_workflow
