@@ -376,7 +376,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
-              "cpu_s": {who: cpu1[who] - cpu0.get(who, 0.0) for who in cpu1}}
+              "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
