@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.overviews import (
+    _counted_modes,
     mode_2x2,
     overview_count,
     overview_shape,
@@ -43,16 +44,39 @@ def one_level(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return mode_2x2(paired(paired(x, pair_starts(x.shape[-2], height), -2), pair_starts(x.shape[-1], width), -1), ND)
 
 
-# few distinct values and plenty of nodata, so ties and empty windows are common
-masks = st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
-    lambda shape: arrays(np.uint8, shape, elements=st.sampled_from([0, 3, 7, ND])))
+def masks_of(codes: list[int]) -> st.SearchStrategy[np.ndarray]:
+    """Masks of ``codes``: few distinct values and plenty of nodata, so ties and empty windows are common."""
+    return st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
+        lambda shape: arrays(np.uint8, shape, elements=st.sampled_from(codes)))
 
 
-@given(x=masks)
-def test_each_overview_pixel_is_the_mode_of_its_window_as_gdal_counts_it(x):
+masks = masks_of([0, 3, 7, ND])
+SMALL = [0, 3, 7, 14, ND]
+"""Codes whose modes are looked up (all below 15)."""
+ANY = [0, 3, 15, 16, 200, 254, ND]
+"""Codes whose modes are counted."""
+
+
+@pytest.mark.parametrize("codes", [SMALL, ANY], ids=["looked-up", "counted"])
+@given(data=st.data())
+def test_each_overview_pixel_is_the_mode_of_its_window_as_gdal_counts_it(codes, data):
+    x = data.draw(masks_of(codes))
     height, width = overview_shape(x.shape[1], x.shape[0], 1)
     rows, cols = pair_starts(x.shape[0], height), pair_starts(x.shape[1], width)
     np.testing.assert_array_equal(one_level(x, height, width), reference_mode(x, rows, cols))
+
+
+@given(x=masks_of([0, 1, 7, 13, 14, ND]), big=st.sampled_from([15, 16, 128, 254]), batch=st.integers(1, 3))
+def test_looked_up_modes_are_the_counted_ones_and_one_larger_code_counts_them_all(x, big, batch):
+    even = np.stack([x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2]] * batch)
+    looked_up = mode_2x2(even, ND)
+    np.testing.assert_array_equal(looked_up, _counted_modes(even, ND))
+    if even.size:  # one code the table has no room for: every window is counted, and the rest agree
+        wider = even.copy()
+        wider.flat[0] = big
+        counted = mode_2x2(wider, ND)
+        np.testing.assert_array_equal(counted, _counted_modes(wider, ND))
+        np.testing.assert_array_equal(counted.flat[1:], looked_up.flat[1:])
 
 
 @given(source=st.integers(1, 600))
