@@ -376,6 +376,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
+              "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
@@ -428,7 +429,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel
-    from unet_flax.xla_flags import ynn_convolutions
+    from unet_flax.xla_flags import usable_cores, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
@@ -554,7 +555,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "process_wall_s": e2e["wall"],
                                 # how much of the run the model was the cost: host work that hides
                                 # behind it leaves this near 1 whatever the machine's speed did
-                                "model_busy_share": e2e["model_busy_share"]}
+                                "model_busy_share": e2e["model_busy_share"],
+                                # batches held back for publication, and publishing after the last batch
+                                "publish_wait_s": e2e["publish_wait_s"], "publish_tail_s": e2e["publish_tail_s"]}
         report["end_to_end"]["paired"] = paired = _paired(e2e)
         echo(f"end to end {opts.scenes} x {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
              f"; {paired['ratio']:.2f} to model-only batches timed in its process just before and after it; "
@@ -566,11 +569,13 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                         model=False)
         host_mpx = host["pixels"] / host["seconds"] / 1e6
         report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
+                                    host_publish_wait_s=host["publish_wait_s"],
+                                    host_publish_tail_s=host["publish_tail_s"],
                                     host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"],
                                     # what the host spends per megapixel written: on an accelerator,
                                     # where every core is busy, this sets the host's ceiling
                                     cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=_per_mpx(host),
-                                    cores=_cores())
+                                    cores=usable_cores())
         # every core busy with nothing but this host work: a bound no arrangement of processes passes
         report["end_to_end"]["host_cpu_bound_mpx_per_s"] = (
             1000 * report["end_to_end"]["cores"] / sum(report["end_to_end"]["host_cpu_ms_per_mpx"].values()))
@@ -682,11 +687,6 @@ def _per_mpx(run: dict[str, Any]) -> dict[str, float]:
     return {who: 1000 * seconds / (run["pixels"] / 1e6) for who, seconds in run["cpu_s"].items()}
 
 
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
     """End to end against model-only batches timed in the same process just before and after
     the run: a ratio that the machine's slower and faster minutes move less."""
@@ -781,6 +781,10 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it); CPU per Mpx "
                          f"written {_cpu_roles(e)}; its {e['cores']} cores all busy with it: "
                          f"{e['host_cpu_bound_mpx_per_s']:.1f} Mpx/s"),
+        ("publishing", f"batches held back for it {e['publish_wait_s']:.2f} s of the run, "
+                       f"{e['host_publish_wait_s']:.2f} s of the host ceiling's; after the last batch "
+                       f"{e['publish_tail_s']:.2f} and {e['host_publish_tail_s']:.2f} s"
+                       + (f" ({e['finishers']} finisher processes)" if e.get("finishers") else "")),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
                    f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model); shared pages "

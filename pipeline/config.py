@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -59,8 +59,9 @@ class OutputSection(Section):
     polygons: bool = False
     """Also write ``<stem>.gpkg``: the classes as simplified polygons."""
     simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance, in CRS units")
-    deflate_level: int = Field(6, ge=1, le=12, description="DEFLATE level of every COG written: 6 (GDAL's default) "
-                               "or lower to spend less CPU on larger files")
+    deflate_level: Annotated[int, Field(ge=1, le=12)] | Literal["auto"] = Field(
+        "auto", description="DEFLATE level of every COG written, 1-12, or auto (the default): 6 (GDAL's default) "
+        "when the workers run on CPU, 5 on GPU/TPU, where the host's CPU is the cost")
     run_products: bool = True
     """Write per-run VRT mosaics, STAC Items and a STAC Collection."""
 
@@ -142,8 +143,8 @@ class RuntimeSection(Section):
                                                       "0 reads in the worker's threads")
     finishers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes the driver publishes "
                                                         "finished files in, or auto (the default): none when the "
-                                                        "workers run on CPU, 2 on GPU/TPU; 0 publishes in the "
-                                                        "driver's threads")
+                                                        "workers run on CPU, a third of the cores (at least 2) on "
+                                                        "GPU/TPU; 0 publishes in the driver's threads")
 
 
 class StateSection(Section):

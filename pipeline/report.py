@@ -47,6 +47,11 @@ class RunReport:
     model_batch_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """Median seconds a batch took on each worker process's device(s), from its transfer to its
     results' return: against a batch timed alone, what running beside the rest of the run costs."""
+    publish_wait_s: float = 0.0
+    """Seconds the driver held batches back while more finished files waited for publication
+    than it keeps waiting: near 0 unless publishing (``runtime.finishers``) is what bounds the run."""
+    publish_tail_s: float = 0.0
+    """Seconds from the last batch's result to the end of the last file's publication."""
 
     @property
     def model_busy_share(self) -> float | None:

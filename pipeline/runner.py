@@ -59,6 +59,7 @@ from pipeline.sink import (
     MaskSink,
     clean_partials,
     one_line,
+    resolve_deflate_level,
     resolve_finishers,
     start_finishers,
 )
@@ -244,6 +245,10 @@ class RunContext:
     records: list[FileRecord] = dataclasses.field(default_factory=list)
     model_spans: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)
     """When each worker process had a batch on its device(s), for the report's busy share."""
+    publish_wait_s: float = 0.0
+    """Seconds the driver held batches back, waiting for a file's publication (too many waited)."""
+    publish_tail_s: float = 0.0
+    """Seconds from the last batch's result to the last file's publication."""
 
     def finish(self, record: FileRecord, fp: Fingerprint | None) -> None:
         """Record one input's outcome in the report, the ledger and the log."""
@@ -305,7 +310,8 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
                      seconds=seconds, device=device, files=tuple(records),
                      model_busy_s={w: round(busy_seconds(s), 3) for w, s in ctx.model_spans.items()},
                      model_batch_s={w: round(statistics.median(end - start for start, end in s), 3)
-                                    for w, s in ctx.model_spans.items()})
+                                    for w, s in ctx.model_spans.items()},
+                     publish_wait_s=round(ctx.publish_wait_s, 3), publish_tail_s=round(ctx.publish_tail_s, 3))
 
 
 def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:
@@ -382,9 +388,11 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     """Submit batches with a bounded number in flight and write results as they arrive.
 
     A finished file's COG is written from a publishing thread (at most
-    :data:`~pipeline.sink.FINISHERS` at once, or ``runtime.finishers`` if more, and twice as
-    many finished files waiting), in a finisher process on accelerators, while this loop keeps
-    the workers fed; its outcome is recorded here, on the thread that owns the ledger.
+    :data:`~pipeline.sink.FINISHERS` at once, or as many as there are finisher processes if
+    more, and twice as many finished files waiting), in a finisher process on accelerators,
+    while this loop keeps the workers fed; its outcome is recorded here, on the thread that
+    owns the ledger. How files are published (finishers, DEFLATE level) follows the workers'
+    device, known from the first result.
     """
     wf, model = ctx.wf, ctx.model
     queue = iter([(f, job) for f in files for job in f.jobs])
@@ -435,6 +443,10 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
             wait = False
             file = finishing.pop(future)
             try:
+                if owner and not future.done():  # batches in flight wait meanwhile, and those behind them
+                    t0 = time.perf_counter()
+                    concurrent.futures.wait([future])
+                    ctx.publish_wait_s += time.perf_counter() - t0
                 future.result()
             except Exception as exc:  # noqa: BLE001  # a file's failure must not sink the run
                 fail(file, one_line(exc))
@@ -446,9 +458,8 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
 
     for _ in range(in_flight):
         submit_next()
-    finishers = 0  # finisher processes: decided by the workers' device, known from the first result
-    publishing = max(FINISHERS, 0 if wf.runtime.finishers == "auto" else wf.runtime.finishers)
-    cogs = concurrent.futures.ThreadPoolExecutor(publishing, thread_name_prefix="tilepipe-cog")
+    finishers, publishing, output = 0, FINISHERS, wf.output  # as the workers' device decides, below
+    cogs: concurrent.futures.ThreadPoolExecutor | None = None
     try:
         with bar:
             for future in completed:
@@ -457,16 +468,20 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                     try:
                         result = future.result()
                         ctx.model_spans.setdefault(result.worker, []).append(result.model_span)
-                        if file.sink is None:
-                            file.sink = MaskSink(file.info, file.output, wf.output, model.card.unet.num_classes)
-                        file.sink.write(result)
-                        file.remaining -= 1
                         if device is None:
-                            device = result.device
+                            device, backend = result.device, backend_of(result.device)
                             ctx.log.note(f"model {model.card.name} on {device}")
-                            finishers = resolve_finishers(wf.runtime.finishers, backend_of(device))
+                            finishers = resolve_finishers(wf.runtime.finishers, backend)
+                            publishing = max(FINISHERS, finishers)
+                            output = wf.output.model_copy(
+                                update={"deflate_level": resolve_deflate_level(wf.output.deflate_level, backend)})
+                            cogs = concurrent.futures.ThreadPoolExecutor(publishing, thread_name_prefix="tilepipe-cog")
                             if finishers:
                                 cogs.submit(start_finishers, finishers)  # before the first file is done
+                        if file.sink is None:
+                            file.sink = MaskSink(file.info, file.output, output, model.card.unet.num_classes)
+                        file.sink.write(result)
+                        file.remaining -= 1
                         bar.update(result.tiles)
                         if file.remaining == 0:
                             forget_chunks(file)
@@ -476,11 +491,14 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 submit_next()
                 collect(wait=len(finishing) > 2 * publishing)
             # Every batch is done: the workers' batch buffers go while the last files are published.
+            tail = time.perf_counter()
             client.run(reading.drop_buffers, on_error="ignore")
             while finishing:
                 collect(wait=True)
+            ctx.publish_tail_s = time.perf_counter() - tail
     finally:  # on an interrupt: COGs not started are dropped, the one being written ends first
-        cogs.shutdown(wait=True, cancel_futures=True)
+        if cogs is not None:
+            cogs.shutdown(wait=True, cancel_futures=True)
         for future in owner:
             future.cancel()
     return device

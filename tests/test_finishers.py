@@ -15,10 +15,11 @@ from conftest import scene, write_raster
 from rasterio.windows import Window
 from test_outputs import CARD, PROVENANCE
 
-from pipeline import children, sink
+from pipeline import children, outputs, sink
 from pipeline.cli import main
-from pipeline.config import OutputSection
+from pipeline.config import OutputSection, load_workflow
 from pipeline.io import inspect_raster
+from pipeline.runner import run_workflow
 from pipeline.sink import MaskSink, resolve_finishers
 from pipeline.tasks import BatchResult, BlockResult
 
@@ -77,11 +78,21 @@ class PartialWatch:
         self.thread.join()
 
 
+@pytest.mark.parametrize("setting, backend, cores, expected", [
+    ("auto", "cpu", 16, 0), ("auto", "gpu", 2, sink.FINISHERS), ("auto", "gpu", 8, sink.FINISHERS),
+    ("auto", "gpu", 16, 5), ("auto", "tpu", 96, 32), (0, "gpu", 16, 0), (3, "cpu", 2, 3)])
+def test_finishers_are_a_third_of_an_accelerator_hosts_cores_unless_the_workflow_says_otherwise(setting, backend,
+                                                                                                 cores, expected):
+    assert resolve_finishers(setting, backend, cores) == expected
+
+
 @pytest.mark.parametrize("setting, backend, expected", [
-    ("auto", "cpu", 0), ("auto", "gpu", sink.FINISHERS), ("auto", "tpu", sink.FINISHERS),
-    (0, "gpu", 0), (3, "cpu", 3)])
-def test_finishers_are_processes_on_accelerators_unless_the_workflow_says_otherwise(setting, backend, expected):
-    assert resolve_finishers(setting, backend) == expected
+    ("auto", "cpu", outputs.DEFLATE_LEVEL), ("auto", "gpu", sink.DEFLATE_ON_ACCELERATORS),
+    ("auto", "tpu", sink.DEFLATE_ON_ACCELERATORS), (9, "gpu", 9), (1, "cpu", 1)])
+def test_the_deflate_level_is_gdals_on_cpu_and_cheaper_on_accelerators_unless_the_workflow_says(setting, backend,
+                                                                                                 expected):
+    assert sink.resolve_deflate_level(setting, backend) == expected
+    assert outputs.DEFLATE_LEVEL == 6 and sink.DEFLATE_ON_ACCELERATORS == 5
 
 
 @pytest.mark.parametrize("runtime, in_driver", [({}, True), (FINISHERS, False)])
@@ -172,3 +183,29 @@ def test_verification_reads_every_row_of_blocks_and_names_a_corrupt_one(tmp_path
         sink.verify_raster(path, info, 1)
     with pytest.raises(sink.OutputError, match="out.tif: written 1 band"):
         sink.verify_raster(path, info, 2)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["publishing keeps up", "publishing lags"])
+def test_the_report_says_how_long_publication_held_batches_back_and_how_long_it_took_after_them(
+        tmp_path, make_workflow, monkeypatch, slow):
+    """Finished files wait for a publishing thread, at most twice as many as there are threads
+    (2 here); past that the driver stops taking results and submitting batches until one is
+    published. The report counts that wait, which says whether publishing bounds the run."""
+    real = sink.publish
+
+    def lagging(*args):
+        time.sleep(1.0)
+        return real(*args)
+
+    if slow:
+        monkeypatch.setattr(sink, "publish", lagging)
+    names = [f"s{i}" for i in range(8)] if slow else ["s0"]
+    wf = load_workflow(make_workflow(inputs_of(tmp_path, *names, size=64), tiling={"tile": 64, "batch": 4},
+                                     output={"dir": str(tmp_path / "out"), "run_products": False}))
+    report = run_workflow(wf, progress=False)
+    assert report.count("ok") == len(names)
+    assert (report.publish_wait_s > 0) is slow  # the fifth finished file waits while batches are in flight
+    assert report.publish_tail_s > 0  # the last file is published after the last batch
+    if slow:  # eight files, two at a time, a second each, less what the wait took
+        assert report.publish_tail_s + report.publish_wait_s >= 2.0
+    assert report.to_json()["publish_wait_s"] == report.publish_wait_s

@@ -180,6 +180,20 @@ def test_the_deflate_level_trades_bytes_for_cpu_and_nothing_else(tmp_path, make_
     assert (tmp_path / "out1" / "big.tif").stat().st_size + (tmp_path / "out1" / "big.confidence.tif").stat().st_size == sizes[1]
 
 
+def test_the_deflate_level_auto_is_gdals_own_where_the_workers_run_on_cpu(tmp_path, make_workflow):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "big.tif", scene(300, 340, seed=4))
+    wf = make_workflow(inputs, output={"dir": str(tmp_path / "out")})
+    blocks = {}  # the compressed bytes of each block: the tags (run, time) differ from run to run
+    for level in ("auto", "6", "5"):
+        out = tmp_path / f"out-{level}"
+        assert run(wf, "--output", str(out), "--set", f"output.deflate_level={level}") == 0
+        with rasterio.open(out / "big.tif") as src:
+            blocks[level] = [src.block_size(1, i, j) for (i, j), _ in src.block_windows(1)]
+    assert blocks["auto"] == blocks["6"] != blocks["5"]
+
+
 def test_halo_auto_is_the_models_seamless_halo(tmp_path, make_workflow, capsys):
     """``tiling.halo: auto``, the default, is the model's receptive radius rounded up to its
     factor: the same result as that halo written out, so a rerun with it redoes nothing; a
@@ -203,6 +217,7 @@ def test_halo_auto_is_the_models_seamless_halo(tmp_path, make_workflow, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--tile", "30"], "multiple of the model's down-sampling factor"),
     (["--set", "output.deflate_level=0"], "output.deflate_level"),
+    (["--set", "output.deflate_level=fast"], "output.deflate_level"),
     (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
     (["--set", "tiling.halo=-4"], "tiling.halo"),
     (["--set", "tiling.halo=wide"], "tiling.halo"),
