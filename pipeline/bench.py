@@ -784,7 +784,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("publishing", f"batches held back for it {e['publish_wait_s']:.2f} s of the run, "
                        f"{e['host_publish_wait_s']:.2f} s of the host ceiling's; after the last batch "
                        f"{e['publish_tail_s']:.2f} and {e['host_publish_tail_s']:.2f} s"
-                       + (f" ({e['finishers']} finisher processes)" if e.get("finishers") else "")),
+                       + (f" ({e['finishers']} finisher{'s' if e['finishers'] > 1 else ''})"
+                          if e.get("finishers") else "")),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
                    f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model); shared pages "

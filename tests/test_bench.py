@@ -47,6 +47,10 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert 0 < e2e["model_busy_share"] <= 1
     assert e2e["host_mpx_per_s"] > 0 and e2e["host_over_model_only"] == e2e["host_mpx_per_s"] / model["mpx_per_s"]
     assert e2e["finishers"] == 1  # as asked: on CPU, auto would be none
+    for wait, tail in ((e2e["publish_wait_s"], e2e["publish_tail_s"]),
+                       (e2e["host_publish_wait_s"], e2e["host_publish_tail_s"])):
+        assert wait >= 0 and tail > 0  # the last file is published after the last batch
+    assert "batches held back for it" in table and "s (1 finisher)" in table
     for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, its readers and finishers
         assert cpu["process"] > 0 and cpu["readers"] > 0 and cpu["finishers"] > 0
     cores = len(os.sched_getaffinity(0))
