@@ -59,7 +59,6 @@ from pipeline.sink import (
     MaskSink,
     clean_partials,
     one_line,
-    resolve_deflate_level,
     resolve_finishers,
     start_finishers,
 )
@@ -458,7 +457,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
 
     for _ in range(in_flight):
         submit_next()
-    finishers, publishing, output = 0, FINISHERS, wf.output  # as the workers' device decides, below
+    finishers, publishing, backend = 0, FINISHERS, "cpu"  # as the workers' device decides, below
     cogs: concurrent.futures.ThreadPoolExecutor | None = None
     try:
         with bar:
@@ -473,13 +472,11 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                             ctx.log.note(f"model {model.card.name} on {device}")
                             finishers = resolve_finishers(wf.runtime.finishers, backend)
                             publishing = max(FINISHERS, finishers)
-                            output = wf.output.model_copy(
-                                update={"deflate_level": resolve_deflate_level(wf.output.deflate_level, backend)})
                             cogs = concurrent.futures.ThreadPoolExecutor(publishing, thread_name_prefix="tilepipe-cog")
                             if finishers:
                                 cogs.submit(start_finishers, finishers)  # before the first file is done
                         if file.sink is None:
-                            file.sink = MaskSink(file.info, file.output, output, model.card.unet.num_classes)
+                            file.sink = MaskSink(file.info, file.output, wf.output, model.card.unet.num_classes, backend)
                         file.sink.write(result)
                         file.remaining -= 1
                         bar.update(result.tiles)

@@ -54,6 +54,8 @@ class Temporaries:
     info: RasterInfo
     dest: Path
     section: OutputSection
+    level: int
+    """The DEFLATE level of its COGs, ``section.deflate_level`` resolved (:func:`resolve_deflate_level`)."""
     paths: dict[str, Path]
     bands: dict[str, int]
     pixels: np.ndarray
@@ -63,14 +65,17 @@ class Temporaries:
 class MaskSink:
     """The temporary GeoTIFFs of one output; the runner is their only writer."""
 
-    def __init__(self, info: RasterInfo, dest: Path, section: OutputSection, num_classes: int):
+    def __init__(self, info: RasterInfo, dest: Path, section: OutputSection, num_classes: int,
+                 backend: str = "cpu"):
+        """The temporaries of ``dest``, to be published as ``section`` says for workers on ``backend``."""
         bands = {"classes": 1}
         if section.confidence:
             bands["confidence"] = 1
         if section.probabilities:
             bands["probabilities"] = num_classes
         paths = {name: temporary_name(dest, f"-{name}.tif") for name in bands}
-        self.files = Temporaries(info, dest, section, paths, bands, np.zeros(256, np.int64))
+        self.files = Temporaries(info, dest, section, resolve_deflate_level(section.deflate_level, backend), paths,
+                                 bands, np.zeros(256, np.int64))
         block = 256 if min(info.width, info.height) >= 256 else 16
         profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
                    "transform": info.transform, "nodata": NODATA, "tiled": True, "blockxsize": block,
@@ -148,7 +153,7 @@ def publish(done: Temporaries, card: ModelCard, provenance: dict[str, str]) -> P
                   ("probabilities", files.probabilities, outputs.finalize_probabilities, (card,)))
     with rasterio.Env(GTIFF_DIRECT_IO=True), outputs.staged() as stage:
         try:
-            level = done.section.deflate_level
+            level = done.level
             outputs.finalize_mask(done.paths["classes"], files.mask, card, provenance, pixels=done.pixels,
                                   stage=stage, level=level)
             for name, dest, finalize, args in continuous:

@@ -209,3 +209,25 @@ def test_the_report_says_how_long_publication_held_batches_back_and_how_long_it_
     if slow:  # eight files, two at a time, a second each, less what the wait took
         assert report.publish_tail_s + report.publish_wait_s >= 2.0
     assert report.to_json()["publish_wait_s"] == report.publish_wait_s
+
+
+def test_a_sink_publishes_at_the_deflate_level_its_workers_device_resolves_to(tmp_path):
+    """``deflate_level: auto`` is resolved when the sink is made, for its workers' backend:
+    never handed to GDAL as it is written."""
+    write_raster(tmp_path / "a.tif", scene(300, 340))
+    info = inspect_raster(tmp_path / "a.tif", [1, 2, 3, 4])
+    rng = np.random.default_rng(3)
+    classes = np.kron(rng.integers(0, 4, (38, 43), dtype=np.uint8), np.ones((8, 8), np.uint8))[:300, :340]
+    classes[rng.random(classes.shape) < 0.05] = 2
+    blocks = {}
+    for name, backend, level in (("cpu", "cpu", "auto"), ("gpu", "gpu", "auto"), ("five", "cpu", 5), ("six", "gpu", 6)):
+        dest = tmp_path / name / "a.tif"
+        mask = MaskSink(info, dest, OutputSection(dir=dest.parent, deflate_level=level), 4, backend)
+        assert mask.files.level == sink.resolve_deflate_level(level, backend)
+        mask.write(BatchResult((BlockResult(Window(0, 0, 340, 300), classes),), 1,
+                               np.bincount(classes.ravel(), minlength=256), backend, "here", (0.0, 0.0)))
+        mask.finalize(CARD, PROVENANCE)
+        with rasterio.open(dest) as out:
+            np.testing.assert_array_equal(out.read(1), classes)
+            blocks[name] = [out.block_size(1, i, j) for (i, j), _ in out.block_windows(1)]
+    assert blocks["cpu"] == blocks["six"] != blocks["gpu"] == blocks["five"]
