@@ -45,6 +45,10 @@ from typing import Any
 
 import numpy as np
 
+CPU_FEATURES = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
+"""The host CPU's features the report names: those that decide the convolution library
+(:func:`unet_flax.xla_flags.convolutions_flag`) and whether it has bfloat16 units."""
+
 SCHEMA_KEYS = (
     "device", "model", "tiling", "batch", "matmul", "model_only", "end_to_end", "memory", "compile",
     "precision", "halo", "torch", "targets",
@@ -429,7 +433,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel
-    from unet_flax.xla_flags import usable_cores, ynn_convolutions
+    from unet_flax.xla_flags import cpu_features, usable_cores, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
@@ -448,6 +452,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report: dict[str, Any] = {
             "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "quick": opts.quick,
+            "cpu_features": sorted(cpu_features() & CPU_FEATURES),
             "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
                       "flops_per_pixel": fpp, "precision": precision,
@@ -750,7 +755,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
     rows = [
-        ("device", report["device"]),
+        ("device", report["device"] + (f"; host CPU has {', '.join(report['cpu_features'])}"
+                                       if report.get("cpu_features") else "")),
         ("model", f"depth {report['model']['depth']}, width {report['model']['base_width']}, "
                   f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
                   f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}"
@@ -861,7 +867,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "one per core up to --threads on GPU/TPU)")
     p.add_argument("--finishers", type=count_or_auto, default="auto",
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
-                        "on CPU, 2 on GPU/TPU)")
+                        "on CPU, a third of the cores and at least 2 on GPU/TPU)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")

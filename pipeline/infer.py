@@ -11,7 +11,9 @@ With several devices visible the batch is sharded across them along its first ax
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
 is rounded up to a multiple of the device count, and a batch smaller than the device count
 uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
-bfloat16 on GPU/TPU, float32 on CPU, whose cores here have no bfloat16 units). A batch
+bfloat16 on GPU/TPU, float32 on CPU, where XLA's convolutions gain nothing from bfloat16 even
+on cores with bfloat16 matrix units: on an AVX-512 machine with AMX, XLA multiplied bfloat16
+matrices 6x faster than float32 ones, and ran the U-Net at the same speed in either). A batch
 arrives as read: the input's own values (uint16 as uint16: no more bytes than bfloat16) and
 where they are valid, as bits; the compiled pass normalises them (:func:`normalise`), so the host does
 no arithmetic on them, and the normaliser's gain and bias are arguments, not constants. On CPU each

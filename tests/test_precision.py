@@ -17,7 +17,7 @@ from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
 
 from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm
-from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, apply_default_xla_flags
+from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, YNN_CONVOLUTIONS_ON, apply_default_xla_flags, cpu_features
 
 
 def test_auto_precision_is_bfloat16_on_accelerators_only():
@@ -188,8 +188,32 @@ def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
 ])
 def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
     environ = dict(given)
-    assert apply_default_xla_flags(environ, cores=3) is added
+    assert apply_default_xla_flags(environ, cores=3, features=frozenset({"avx2", "fma"})) is added
     assert environ.get("XLA_FLAGS") == expected
+
+
+@pytest.mark.parametrize("features,chosen", [
+    ({"avx2", "fma"}, YNN_CONVOLUTIONS_OFF),
+    ({"avx2", "fma", "avx512f", "avx512bw"}, YNN_CONVOLUTIONS_ON),
+    (set(), YNN_CONVOLUTIONS_OFF),  # not x86 Linux: as on AVX2
+])
+def test_convolutions_go_to_the_library_measured_faster_on_the_cpu(features, chosen):
+    environ = {}
+    assert apply_default_xla_flags(environ, cores=2, features=frozenset(features))
+    assert environ["XLA_FLAGS"] == f"{chosen} --xla_force_host_platform_device_count=2"
+    mine = {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}  # the user's choice wins on any CPU
+    apply_default_xla_flags(mine, cores=2, features=frozenset(features))
+    assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2"
+
+
+def test_cpu_features_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_features(str(cpuinfo)) == {"fpu", "sse2", "avx2", "avx512f"}
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_features(str(tmp_path / "arm")) == frozenset()
+    assert cpu_features(str(tmp_path / "missing")) == frozenset()
 
 
 def test_importing_the_package_applied_the_defaults():

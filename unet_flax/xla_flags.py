@@ -1,10 +1,14 @@
 """XLA flags tilepipe sets before JAX starts its backend; a user's own flags win.
 
-Two defaults, each measured on the 2-core AVX2 development machine (``tilepipe bench``):
+Two defaults, each measured with ``tilepipe bench``:
 
-* **Eigen convolutions.** XLA's CPU backend hands convolutions to YNNPACK by default. Its
-  Eigen convolutions measured faster for this U-Net (whole forward pass 1.2x, per layer up
-  to 1.6x), so YNNPACK keeps the matrix multiplies and Eigen takes the convolutions.
+* **Convolutions by the library that is faster on this CPU.** XLA's CPU backend hands
+  convolutions to YNNPACK by default. On the 2-core AVX2 development machine its Eigen
+  convolutions measured faster for this U-Net (whole forward pass 1.2x, per layer up to
+  1.6x), so there YNNPACK keeps the matrix multiplies and Eigen takes the convolutions. On a
+  2-core AVX-512 machine (Sapphire Rapids class) it was the other way round: YNNPACK's
+  convolutions 1.03-1.08x faster over the whole pass (four paired runs), so a CPU with
+  AVX-512 keeps them (:func:`convolutions_flag`).
 * **One CPU device per usable core.** The predictor shards a batch across devices and each
   device runs its tiles one after another, so every core works on its own tile instead of
   all of them splitting every operation of one tile; model-only throughput measured 5-17%
@@ -12,7 +16,8 @@ Two defaults, each measured on the 2-core AVX2 development machine (``tilepipe b
   than the device count uses only as many devices as it has tiles.
 
 Set a flag yourself to choose otherwise (for example
-``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``,
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``
+for Eigen's convolutions, ``+`` for YNNPACK's,
 ``--xla_force_host_platform_device_count=1`` or ``JAX_NUM_CPU_DEVICES=1``), or
 ``TILEPIPE_XLA_DEFAULTS=0`` to add nothing.
 """
@@ -23,6 +28,7 @@ import os
 from collections.abc import MutableMapping
 
 YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+YNN_CONVOLUTIONS_ON = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -34,7 +40,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, cores: int | None = None) -> bool:
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (``avx2``, ``avx512f``...); none where
+    there is no such file (macOS, Windows) or it names none (ARM lists ``Features``)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def convolutions_flag(features: frozenset[str] | None = None) -> str:
+    """YNNPACK's convolutions on a CPU with AVX-512, Eigen's on any other (see the module doc)."""
+    return YNN_CONVOLUTIONS_ON if "avx512f" in (cpu_features() if features is None else features) else YNN_CONVOLUTIONS_OFF
+
+
+def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, cores: int | None = None,
+                            features: frozenset[str] | None = None) -> bool:
     """Add tilepipe's XLA defaults to ``XLA_FLAGS``, each unless the user chose it already.
 
     Must run before JAX creates its backend (it reads ``XLA_FLAGS`` once, then); the
@@ -45,7 +70,7 @@ def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, core
     flags = environ.get("XLA_FLAGS", "")
     added = []
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-        added.append(YNN_CONVOLUTIONS_OFF)
+        added.append(convolutions_flag(features))
     if DEVICE_COUNT_FLAG not in flags and "JAX_NUM_CPU_DEVICES" not in environ:
         added.append(f"{DEVICE_COUNT_FLAG}={cores or usable_cores()}")
     if added:
