@@ -6,9 +6,9 @@ Two defaults, each measured with ``tilepipe bench``:
   convolutions to YNNPACK by default. On the 2-core AVX2 development machine its Eigen
   convolutions measured faster for this U-Net (whole forward pass 1.2x, per layer up to
   1.6x), so there YNNPACK keeps the matrix multiplies and Eigen takes the convolutions. On a
-  2-core AVX-512 machine (Sapphire Rapids class) it was the other way round: YNNPACK's
-  convolutions 1.03-1.08x faster over the whole pass (four paired runs), so a CPU with
-  AVX-512 keeps them (:func:`convolutions_flag`).
+  2-core AVX-512 machine (a Xeon with AMX) it was the other way round: YNNPACK's
+  convolutions 1.03-1.08x faster over the whole pass (three pairs of model-only runs, two
+  pairs of bench runs), so a CPU with AVX-512 keeps them (:func:`convolutions_flag`).
 * **One CPU device per usable core.** The predictor shards a batch across devices and each
   device runs its tiles one after another, so every core works on its own tile instead of
   all of them splitting every operation of one tile; model-only throughput measured 5-17%
