@@ -55,7 +55,8 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 def convolutions_flag(features: frozenset[str] | None = None) -> str:
     """YNNPACK's convolutions on a CPU with AVX-512, Eigen's on any other (see the module doc)."""
-    return YNN_CONVOLUTIONS_ON if "avx512f" in (cpu_features() if features is None else features) else YNN_CONVOLUTIONS_OFF
+    features = cpu_features() if features is None else features
+    return YNN_CONVOLUTIONS_ON if "avx512f" in features else YNN_CONVOLUTIONS_OFF
 
 
 def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, cores: int | None = None,
