@@ -22,7 +22,9 @@ One run measures, on one model and one tile setting:
 * **halo overhead**: pixels computed per pixel written;
 * **PyTorch** (``--torch``, when installed): the same U-Net, eager, channels-last,
   inference mode, timed in the same process on the same batch, both as one batch and tile
-  by tile; the faster of the two is what Flax is compared with.
+  by tile; the faster of the two is what Flax is compared with, once as each one's best
+  time, and once paired: rounds in which the two take turns (:func:`paired_times`), so that
+  a shared machine's changing load does not decide the ratio.
 
 :func:`run_bench` is the tool; :func:`main_bench` parses nothing and prints.
 """
@@ -174,6 +176,17 @@ def _times(fn: Any, min_seconds: float, min_runs: int = 3) -> list[float]:
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
     """Best wall time of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
     return min(_times(fn, min_seconds, min_runs))
+
+
+def paired_times(first: Any, second: Any, rounds: int = 6, runs: int = 2) -> tuple[list[float], list[float]]:
+    """Best-of-``runs`` wall times of ``first`` and ``second`` in ``rounds`` rounds, taking turns
+    at going first (AB BA AB...): the machine's slower and faster minutes, and what one leaves
+    behind for the other (a library's threads still spinning), fall on both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(_best_time((first, second)[i], 0.0, runs))
+    return times
 
 
 class RssSampler:
@@ -536,7 +549,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
              f"{100 * report['precision']['class_agreement']:.3f}%")
 
-        report["torch"] = _torch(ckpt, inputs, reference, spec, opts, fpp, precision) if opts.torch else {"available": None}
+        report["torch"] = (_torch(ckpt, inputs, reference, spec, opts, fpp, precision,
+                                  flax=lambda: jax.block_until_ready(predictor.forward(x)))
+                           if opts.torch else {"available": None})
         if opts.torch and report["torch"].get("available"):
             echo(f"torch eager channels-last: {report['torch']['mpx_per_s']:.3f} Mpx/s "
                  f"(batch {report['torch']['batch_mpx_per_s']:.3f}, "
@@ -634,10 +649,11 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: tuple, reference: np.nd
 
 
 def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: BenchOptions,
-           fpp: int, precision: str) -> dict[str, Any]:
+           fpp: int, precision: str, flax: Any) -> dict[str, Any]:
     """The PyTorch twin on the same batch: eager, channels-last, inference mode, in the same
     precision, on the GPU when JAX runs on one; timed as one batch and tile by tile, the
-    faster being its figure."""
+    faster being its figure; then in that way in rounds paired with ``flax`` (the Flax batch's
+    timed call)."""
     import jax
 
     from pipeline.infer import normalise, unpack_valid
@@ -659,13 +675,19 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     tile_t = _best_time(lambda: [torch_classes(net, tile) for tile in tiles], opts.min_seconds)
     t = min(batch_t, tile_t)
     n = len(values)
+    faster = (lambda: torch_classes(net, x)) if batch_t <= tile_t else (lambda: [torch_classes(net, tile) for tile in tiles])
+    flax_s, torch_s = paired_times(flax, faster)
+    ratios = [b / a for a, b in zip(flax_s, torch_s)]
+    paired = {"rounds": len(ratios), "flax_s": flax_s, "torch_s": torch_s, "flax_over_torch": float(np.median(ratios)),
+              "flax_mpx_per_s": n * spec.tile**2 / float(np.median(flax_s)) / 1e6,
+              "torch_mpx_per_s": n * spec.tile**2 / float(np.median(torch_s)) / 1e6}
     return {"available": True, "version": torch.__version__, "device": device, "dtype": precision,
             "threads": torch.get_num_threads(),
             "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,
             "batch_mpx_per_s": n * spec.tile**2 / batch_t / 1e6,
             "tile_by_tile_mpx_per_s": n * spec.tile**2 / tile_t / 1e6,
             "gflops": n * spec.read_size**2 * fpp / t / 1e9,
-            "class_agreement_with_flax": float((codes == reference[:n]).mean())}
+            "class_agreement_with_flax": float((codes == reference[:n]).mean()), "paired": paired}
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:
@@ -735,6 +757,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     }
     if report["torch"].get("available"):
         t["flax_ge_torch"] = report["model_only"]["mpx_per_s"] >= report["torch"]["mpx_per_s"]
+        t["flax_ge_torch_paired"] = report["torch"]["paired"]["flax_over_torch"] >= 1.0
     if report["backend"] != "gpu":
         t["gpu"] = "no GPU visible: throughput and fraction of peak on GPU not measured"
     return t
@@ -810,6 +833,10 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(("torch", f"{tr['mpx_per_s']:.3f} Mpx/s eager channels-last ({tr['gflops']:.1f} GFLOP/s; "
                               f"batch {tr['batch_mpx_per_s']:.3f}, tile by tile {tr['tile_by_tile_mpx_per_s']:.3f}), "
                               f"{100 * tr['class_agreement_with_flax']:.3f}% classes agree with Flax"))
+        pr = tr["paired"]
+        rows.append(("torch, paired", f"Flax / PyTorch {pr['flax_over_torch']:.2f} (median of {pr['rounds']} rounds "
+                                      f"taking turns; Flax {pr['flax_mpx_per_s']:.3f}, PyTorch "
+                                      f"{pr['torch_mpx_per_s']:.3f} Mpx/s at their median rounds)"))
     elif tr.get("available") is False:
         rows.append(("torch", tr["note"]))
     for name, value in report["targets"].items():

@@ -74,6 +74,16 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert not list((tmp_path / "work").glob("memory-*/*.tif"))  # large scenes are removed after use
 
 
+@pytest.mark.parametrize("rounds", [1, 4, 5])
+def test_paired_times_take_turns_at_going_first(rounds):
+    calls = []
+    first, second = (lambda: calls.append("a")), (lambda: calls.append("b"))
+    a, b = bench.paired_times(first, second, rounds=rounds, runs=2)
+    assert len(a) == len(b) == rounds and min(a + b) >= 0
+    expected = "".join("aabb" if r % 2 == 0 else "bbaa" for r in range(rounds))  # best of 2, in turns
+    assert "".join(calls) == expected
+
+
 def test_bench_parser_defaults():
     import argparse
 
