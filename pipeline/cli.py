@@ -13,50 +13,14 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import bench
 from pipeline.errors import WorkflowError
+from pipeline.interrupts import Interrupted, interruptible
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; a BaseException so no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Turn the first SIGINT/SIGTERM into :class:`Interrupted`; later ones wait for the cleanup."""
-    signums = (signal.SIGINT, signal.SIGTERM)
-
-    def handler(signum: int, frame: object) -> None:
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals are only ever delivered to the main thread
-        return
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _workflow(args: argparse.Namespace):

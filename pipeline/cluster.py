@@ -26,8 +26,12 @@ class WorkerInfo:
 
 
 def describe_workers(client: Client) -> list[WorkerInfo]:
-    """The workers connected to ``client``'s scheduler, sorted by name."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    """The workers connected to ``client``'s scheduler, sorted by name.
+
+    Asked of the scheduler each time: ``Client.scheduler_info`` returns the client's cached
+    copy, which its periodic refresh (without the workers' details) can replace between the
+    fetch and the return, and then connected workers were missing."""
+    workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
     infos = [WorkerInfo(address, str(w.get("name", address)), int(w.get("nthreads", 0)),
                         dict(w.get("resources") or {}), int(w.get("memory_limit") or 0))
              for address, w in workers.items()]

@@ -37,7 +37,7 @@ from distributed import Client, Future, LocalCluster, as_completed
 from tqdm import tqdm
 
 import pipeline
-from pipeline import outputs, reading
+from pipeline import interrupts, outputs, reading
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import backend_of, resolve_batch
@@ -321,6 +321,7 @@ def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool
     hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tilepipe-hash")
     try:
         for path in inputs:
+            interrupts.check()
             job = _plan_or_skip(ctx, path, force, hashing)
             if job is not None:
                 files.append(job)
@@ -462,6 +463,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     try:
         with bar:
             for future in completed:
+                interrupts.check()
                 file = owner.pop(future)
                 if file.error is None:
                     try:
@@ -491,6 +493,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
             tail = time.perf_counter()
             client.run(reading.drop_buffers, on_error="ignore")
             while finishing:
+                interrupts.check()
                 collect(wait=True)
             ctx.publish_tail_s = time.perf_counter() - tail
     finally:  # on an interrupt: COGs not started are dropped, the one being written ends first

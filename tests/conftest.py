@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,24 @@ def make_workflow(tmp_path, tiny_checkpoint):
         return path
 
     return make
+
+
+class SignalledInFinaliser:
+    """An object whose finaliser is where a signal's handler runs: there Python prints the
+    handler's exception and drops it, as it did in a Dask future's ``__del__`` mid-run."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):  # the handler runs at this loop's next check for signals
+            pass
+
+
+@pytest.fixture
+def dropped(monkeypatch):
+    """The exceptions Python drops (its unraisable hook), kept for the test to look at."""
+    kept = []
+    monkeypatch.setattr(sys, "unraisablehook", kept.append)
+    return kept

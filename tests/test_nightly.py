@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import scene, write_raster
+from conftest import SignalledInFinaliser, scene, write_raster
 from rio_cogeo.cogeo import cog_validate
 
 import pipeline.outputs
 import pipeline.runner
 from pipeline.cli import EXIT_LOCKED, Interrupted, main
+from pipeline.interrupts import interruptible
 from pipeline.config import OutputSection, load_workflow
 from pipeline.errors import InputError
 from pipeline.io import inspect_raster
@@ -430,6 +431,31 @@ def test_an_interrupt_before_the_runner_holds_a_new_sink_leaves_no_temporary(tmp
     monkeypatch.setattr(pipeline.runner, "MaskSink", interrupted_once_made)
     with pytest.raises(Interrupted):
         run_workflow(wf, progress=False)
+    assert partials(outdir(tmp_path)) == []
+    ledger = sqlite3.connect(outdir(tmp_path) / ".tilepipe" / "ledger.sqlite")
+    assert ledger.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+
+
+def test_an_interrupt_dropped_mid_run_stops_the_run_at_its_next_batch(tmp_path, make_workflow, monkeypatch,
+                                                                       dropped):
+    """SIGTERM's handler runs in a finaliser while the runner writes the first batch, and its
+    exception is dropped there (as in a Dask future's ``__del__``): the run stops anyway, at
+    the next batch it takes, and is recorded as interrupted."""
+    inputs = make_inputs(tmp_path, n=4, shape=(96, 128))
+    wf = load_workflow(make_workflow(inputs, output={"dir": str(outdir(tmp_path)), "run_products": False}))
+    real_write, writes = MaskSink.write, []
+
+    def write_then_signalled(self, result):
+        real_write(self, result)
+        writes.append(result)
+        if len(writes) == 1:
+            SignalledInFinaliser(signal.SIGTERM)
+
+    monkeypatch.setattr(MaskSink, "write", write_then_signalled)
+    with pytest.raises(Interrupted), interruptible():
+        run_workflow(wf, progress=False)
+    assert [type(d.exc_value) for d in dropped] == [Interrupted]  # the first raising was lost
+    assert len(writes) == 1  # of the four inputs' batches
     assert partials(outdir(tmp_path)) == []
     ledger = sqlite3.connect(outdir(tmp_path) / ".tilepipe" / "ledger.sqlite")
     assert ledger.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
