@@ -671,12 +671,16 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     lo, hi = spec.halo, spec.halo + spec.tile
     classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]
     codes = ckpt.card.codes[classes]
-    batch_t = _best_time(lambda: torch_classes(net, x), opts.min_seconds)
-    tile_t = _best_time(lambda: [torch_classes(net, tile) for tile in tiles], opts.min_seconds)
+    def whole() -> Any:
+        return torch_classes(net, x)
+
+    def by_tile() -> Any:
+        return [torch_classes(net, tile) for tile in tiles]
+
+    batch_t, tile_t = _best_time(whole, opts.min_seconds), _best_time(by_tile, opts.min_seconds)
     t = min(batch_t, tile_t)
     n = len(values)
-    faster = (lambda: torch_classes(net, x)) if batch_t <= tile_t else (lambda: [torch_classes(net, tile) for tile in tiles])
-    flax_s, torch_s = paired_times(flax, faster)
+    flax_s, torch_s = paired_times(flax, whole if batch_t <= tile_t else by_tile)
     ratios = [b / a for a, b in zip(flax_s, torch_s)]
     paired = {"rounds": len(ratios), "flax_s": flax_s, "torch_s": torch_s, "flax_over_torch": float(np.median(ratios)),
               "flax_mpx_per_s": n * spec.tile**2 / float(np.median(flax_s)) / 1e6,
