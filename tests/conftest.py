@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
 from pathlib import Path
 
@@ -109,9 +109,7 @@ class SignalledInFinaliser:
         self.signum = signum
 
     def __del__(self) -> None:
-        os.kill(os.getpid(), self.signum)
-        for _ in range(1000):  # the handler runs at this loop's next check for signals
-            pass
+        signal.raise_signal(self.signum)  # its handler runs before this returns
 
 
 @pytest.fixture

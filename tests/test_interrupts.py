@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -16,9 +15,7 @@ from pipeline.interrupts import Interrupted, interruptible
 def test_a_signal_raises_interrupted_and_exits_128_plus_its_number(signum):
     with pytest.raises(Interrupted) as info:
         with interruptible():
-            os.kill(os.getpid(), signum)
-            for _ in range(1000):
-                pass
+            signal.raise_signal(signum)
     assert info.value.signum == signum and info.value.exit_code == 128 + signum
     assert signal.getsignal(signal.SIGTERM) is not interrupts._handler  # the handlers are put back
 
@@ -46,9 +43,7 @@ def test_check_is_quiet_without_a_signal_and_after_an_interrupted_block():
         interrupts.check()
     with pytest.raises(Interrupted):
         with interruptible():
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):
-                pass
+            signal.raise_signal(signal.SIGTERM)
     interrupts.check()  # that run is over: the next one starts uninterrupted
     with interruptible():
         interrupts.check()

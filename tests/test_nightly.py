@@ -27,9 +27,9 @@ from rio_cogeo.cogeo import cog_validate
 import pipeline.outputs
 import pipeline.runner
 from pipeline.cli import EXIT_LOCKED, Interrupted, main
-from pipeline.interrupts import interruptible
 from pipeline.config import OutputSection, load_workflow
 from pipeline.errors import InputError
+from pipeline.interrupts import interruptible
 from pipeline.io import inspect_raster
 from pipeline.ledger import fingerprint
 from pipeline.lock import hold_lock, lock_path
