@@ -8,9 +8,11 @@ One run measures, on one model and one tile setting:
   XLA's and NumPy's BLAS, before and after the model (the better sample counts; FLOPs
   counted analytically, :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch
   taken at once instead of tile by tile, and which library XLA gave the convolutions;
-* **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, tiled, deflate;
-  ``--scenes N``: a folder of N copies) in a child process, so the peak resident memory of its
-  whole process tree is measured alone; the ratio end-to-end / model-only; and the host's
+* **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, in blocks of 256,
+  deflate: ``--block``, ``--compress`` store it as an archive's files are; ``--scenes N``: a
+  folder of N copies) in a child process, so the peak resident memory of its whole process
+  tree is measured alone; the ratio end-to-end / model-only; how many times each chunk of the
+  scene was decoded (:func:`pipeline.reading.chunks_decoded`); and the host's
   ceiling, the same run with the compiled forward pass swapped for one that thresholds band 1
   (every batch still goes to the device and back; reading, stitching and writing are all that
   is left), with the CPU it cost per megapixel written in the run's process, its readers and
@@ -52,7 +54,7 @@ CPU_FEATURES = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
 (:func:`unet_flax.xla_flags.convolutions_flag`) and whether it has bfloat16 units."""
 
 SCHEMA_KEYS = (
-    "device", "model", "tiling", "batch", "matmul", "model_only", "end_to_end", "memory", "compile",
+    "device", "model", "tiling", "batch", "matmul", "model_only", "scene", "end_to_end", "memory", "compile",
     "precision", "halo", "torch", "targets",
 )
 
@@ -70,6 +72,8 @@ class BenchOptions:
     precision: str = "auto"  # bfloat16 on accelerators, float32 on CPU
     threads: int | None = None  # dask threads of the end-to-end runs; None: the workflow default
     scenes: int = 1  # copies of the scene the end-to-end runs go through (a night's folder, not one file)
+    block: int = 256  # the generated scenes' blocks (tiles of the GeoTIFF), pixels on a side
+    compress: str = "deflate"  # and their compression (SCENE_COMPRESSIONS)
     readers: int | str = "auto"  # runtime.readers of the end-to-end runs
     finishers: int | str = "auto"  # runtime.finishers of the end-to-end runs
     torch: bool = False
@@ -113,19 +117,31 @@ SCENE_DTYPE = "uint16"
 """The dtype of :func:`write_scene`'s bands, which batches of it are sent in."""
 
 
-def write_scene(path: Path, size: int, bands: int, seed: int = 0, strip: int = 512) -> Path:
-    """A ``size`` x ``size`` uint16 GeoTIFF (tiled 256, deflate) written strip by strip, so the
-    whole scene is never in memory."""
+SCENE_COMPRESSIONS = ("deflate", "lzw", "zstd", "none")
+"""Compressions :func:`write_scene` offers (``--compress``): what archives commonly hold."""
+
+
+def write_scene(path: Path, size: int, bands: int, seed: int = 0, block: int = 256,
+                compress: str = "deflate") -> Path:
+    """A ``size`` x ``size`` uint16 GeoTIFF, tiled in ``block`` x ``block`` blocks and
+    ``compress``-ed, written a row of blocks (at least 512 rows) at a time, so the whole scene is
+    never in memory."""
     import rasterio
     from rasterio.crs import CRS
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
+    if block <= 0 or block % 16:
+        raise ValueError(f"block must be a positive multiple of 16 (a GeoTIFF's tiles), got {block}")
+    if compress not in SCENE_COMPRESSIONS:
+        raise ValueError(f"compress must be one of {', '.join(SCENE_COMPRESSIONS)}, got {compress!r}")
     rng = np.random.default_rng(seed)
     freqs = rng.uniform(0.005, 0.05, (bands, 2))
     profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype=SCENE_DTYPE, tiled=True,
-                   blockxsize=256, blockysize=256, compress="deflate", crs=CRS.from_epsg(32633),
-                   transform=from_origin(500000.0, 4650000.0, 10.0, 10.0))
+                   blockxsize=block, blockysize=block, crs=CRS.from_epsg(32633),
+                   transform=from_origin(500000.0, 4650000.0, 10.0, 10.0),
+                   **({} if compress == "none" else {"compress": compress}))
+    strip = -(-512 // block) * block
     xx = np.arange(size, dtype=np.float32)[None, :]
     with rasterio.open(path, "w", **profile) as dst:
         for row in range(0, size, strip):
@@ -362,7 +378,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
 
     from pipeline.config import Workflow
     from pipeline.infer import configure_jax, get_predictor, resolve_readers
-    from pipeline.reading import start_readers
+    from pipeline.reading import chunks_decoded, start_readers
     from pipeline.runner import resolve_tiling, run_workflow
     from pipeline.sink import resolve_finishers, start_finishers
     from unet_flax.checkpoint import file_sha256, read_card
@@ -384,9 +400,9 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         predictor(np.zeros(predictor.input_shape, SCENE_DTYPE))
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
-    cpu0, t0 = _cpu_seconds(roles), time.perf_counter()
+    cpu0, decoded, t0 = _cpu_seconds(roles), chunks_decoded(), time.perf_counter()
     report = run_workflow(wf, progress=False, echo=lambda line: None)
-    seconds, cpu1 = time.perf_counter() - t0, _cpu_seconds(roles)
+    seconds, cpu1, decoded = time.perf_counter() - t0, _cpu_seconds(roles), chunks_decoded() - decoded
     failed = [f.error for f in report.files if f.status != "ok"]
     if failed:
         raise RuntimeError(f"bench run failed: {failed}")
@@ -394,7 +410,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
-              "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}}
+              "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}, "chunks_decoded": decoded}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
@@ -510,9 +526,10 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         # The scene, and real tiles of it, as read, for the model-only and precision runs.
         scene_dir = work / "scene"
         scene_dir.mkdir(exist_ok=True)
-        scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands)
+        scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands, block=opts.block, compress=opts.compress)
         for i in range(2, opts.scenes + 1):
             _link_or_copy(scene, scene_dir / f"scene-{i}.tif")
+        report["scene"] = _scene_layout(scene, cfg.in_bands, opts)
         inputs = _scene_batch(scene, spec, batch, ckpt.card)
 
         predictor = Predictor(ckpt, spec, batch, precision=precision)
@@ -577,7 +594,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 # behind it leaves this near 1 whatever the machine's speed did
                                 "model_busy_share": e2e["model_busy_share"],
                                 # batches held back for publication, and publishing after the last batch
-                                "publish_wait_s": e2e["publish_wait_s"], "publish_tail_s": e2e["publish_tail_s"]}
+                                "publish_wait_s": e2e["publish_wait_s"], "publish_tail_s": e2e["publish_tail_s"],
+                                "decodes_per_chunk": _decodes_per_chunk(e2e, report["scene"], opts)}
         report["end_to_end"]["paired"] = paired = _paired(e2e)
         echo(f"end to end {opts.scenes} x {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
              f"; {paired['ratio']:.2f} to model-only batches timed in its process just before and after it; "
@@ -591,6 +609,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
                                     host_publish_wait_s=host["publish_wait_s"],
                                     host_publish_tail_s=host["publish_tail_s"],
+                                    host_decodes_per_chunk=_decodes_per_chunk(host, report["scene"], opts),
                                     host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"],
                                     # what the host spends per megapixel written: on an accelerator,
                                     # where every core is busy, this sets the host's ceiling
@@ -694,6 +713,25 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
             "class_agreement_with_flax": float((codes == reference[:n]).mean()), "paired": paired}
 
 
+def _scene_layout(scene: Path, bands: int, opts: BenchOptions) -> dict[str, Any]:
+    """How the generated scene is stored, and the chunks it is decoded in (:mod:`pipeline.chunks`)."""
+    import rasterio
+
+    from pipeline.chunks import ChunkReader
+
+    with rasterio.open(scene) as src:
+        grid = ChunkReader.of(src, range(1, bands + 1)).grid
+    return {"size": opts.size, "bands": bands, "dtype": SCENE_DTYPE, "block": opts.block,
+            "compress": opts.compress, "chunk": [grid.rows, grid.cols],
+            "chunks": -(-grid.height // grid.rows) * -(-grid.width // grid.cols)}
+
+
+def _decodes_per_chunk(run: dict[str, Any], scene: dict[str, Any], opts: BenchOptions) -> float:
+    """Chunks a run decoded per chunk of its scenes: 1 when each is decoded once, more where
+    neighbouring batches read in different places decode the blocks of their shared halo."""
+    return run["chunks_decoded"] / (scene["chunks"] * opts.scenes)
+
+
 def _link_or_copy(source: Path, dest: Path) -> None:
     """``dest`` as another name of ``source`` where the file system allows, else a copy."""
     try:
@@ -738,7 +776,7 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
     for label, size in zip(("small", "large"), opts.memory_sizes):
         scene_dir = work / f"memory-{size}"
         scene_dir.mkdir(exist_ok=True)
-        write_scene(scene_dir / "scene.tif", size, arch[2], seed=1)
+        write_scene(scene_dir / "scene.tif", size, arch[2], seed=1, block=opts.block, compress=opts.compress)
         run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts)
         results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20,
                           "peak_pss_mb": run["peak_pss"] / 2**20, "seconds": run["seconds"],
@@ -781,6 +819,7 @@ def _cpu_roles(e2e: dict[str, Any]) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
+    sc = report["scene"]
     rows = [
         ("device", report["device"] + (f"; host CPU has {', '.join(report['cpu_features'])}"
                                        if report.get("cpu_features") else "")),
@@ -799,6 +838,10 @@ def format_table(report: dict[str, Any]) -> str:
                        f"{m['gflops']:.1f} GFLOP/s = {100 * m['fraction_of_matmul']:.0f}% of matmul"
                        + (f"; tile by tile (whole batch at once: {m['batched_mpx_per_s']:.3f} Mpx/s)"
                           if "batched_mpx_per_s" in m else "")),
+        ("scene", f"{sc['size']}^2 x {sc['bands']} {sc['dtype']}, blocks {sc['block']}^2, {sc['compress']}; "
+                  f"decoded in chunks of {sc['chunk'][0]} x {sc['chunk'][1]}, each "
+                  f"{e['decodes_per_chunk']:.2f} times end to end, {e['host_decodes_per_chunk']:.2f} in the "
+                  f"host ceiling's run"),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['scenes']} x {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
                        f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"
@@ -868,6 +911,13 @@ def batch_size(text: str) -> int | str:
     return int(text)
 
 
+def block_side(text: str) -> int:
+    """A --block value (argparse type): a GeoTIFF's tile side, a positive multiple of 16."""
+    if not text.isdigit() or int(text) < 16 or int(text) % 16:
+        raise argparse.ArgumentTypeError("--block is a positive multiple of 16 (a GeoTIFF's tile side), e.g. 512")
+    return int(text)
+
+
 def count_or_auto(text: str) -> int | str:
     """A --readers, --finishers or --halo value (argparse type): a whole number, 0 included, or auto."""
     if text == "auto":
@@ -884,6 +934,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--model", type=Path, help="checkpoint to benchmark (default: a random U-Net of --arch)")
     src.add_argument("--arch", type=_arch, default=(4, 32, 4, 8), help="depth,width,bands,classes (default 4,32,4,8)")
     p.add_argument("--size", type=int, default=4096, help="side of the generated scene in pixels (default 4096)")
+    p.add_argument("--block", type=block_side, default=256,
+                   help="the generated scenes' GeoTIFF blocks, pixels on a side, a multiple of 16 (default 256; "
+                        "archives' COGs often have 512)")
+    p.add_argument("--compress", choices=SCENE_COMPRESSIONS, default="deflate",
+                   help="the generated scenes' compression (default deflate)")
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--batch", type=batch_size, default=8, help="tiles per batch, or auto")
@@ -911,6 +966,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
+                  block=args.block, compress=args.compress,
                   readers=args.readers, finishers=args.finishers, torch=args.torch, workdir=args.workdir)
     if args.quick:
         return quick_options(**common)

@@ -44,6 +44,17 @@ LOG = logging.getLogger(__name__)
 CHUNKS = ChunkCache()
 """Decoded chunks of inputs, shared by the threads of this process."""
 
+_decoded_elsewhere = [0]  # chunks this process's reader processes decoded for its batches
+_decoded_lock = threading.Lock()
+
+
+def chunks_decoded() -> int:
+    """Chunks decoded so far for this process's batches, in its threads and in its readers:
+    against the chunks of the inputs read, how often a chunk was decoded again."""
+    with _decoded_lock:
+        return CHUNKS.misses + _decoded_elsewhere[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchInputs:
     """One batch read: the input's values (n, bands, S, S) in its wire dtype
@@ -260,8 +271,8 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     if buffer is None or _UNSHARED:
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
     try:
-        masks = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles), tuple(bands),
-                            read_size, key).result()
+        masks, decoded = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles),
+                                     tuple(bands), read_size, key).result()
     except BrokenProcessPool:
         children.drop(pool)
         raise
@@ -269,6 +280,8 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
         _UNSHARED.append(str(exc))
         _cannot_share(f"reader processes cannot open shared memory ({exc})")
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
+    with _decoded_lock:
+        _decoded_elsewhere[0] += decoded
     x, valid = buffer.arrays
     return BatchInputs(x[: len(tiles)], valid[: len(tiles)],
                        tuple(_all_valid(t.core.height, t.core.width) if m is None else m for m, t in zip(masks, tiles)))
@@ -317,11 +330,13 @@ def _cannot_share(reason: str) -> None:
 
 
 def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
-               bands: tuple[int, ...], read_size: int, key: Hashable) -> tuple[np.ndarray | None, ...]:
+               bands: tuple[int, ...], read_size: int,
+               key: Hashable) -> tuple[tuple[np.ndarray | None, ...], int]:
     """A reader process's task: the batch into the first tiles of the shared file ``target``
     (a :class:`SharedBatch` of ``shape``); each core's mask returned, None where every pixel
-    is valid. Nothing is kept for the next batch: among many readers, a reader's next batch is
-    seldom beside this one, and sixteen readers each keeping a batch's chunks held a gigabyte."""
+    is valid, and how many chunks it decoded (a reader runs one task at a time). Nothing is
+    kept for the next batch: among many readers, a reader's next batch is seldom beside this
+    one, and sixteen readers each keeping a batch's chunks held a gigabyte."""
     try:
         fd = os.open(target, os.O_RDWR)
     except OSError as exc:
@@ -331,8 +346,8 @@ def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, 
     finally:
         os.close(fd)
     x, valid = _views(memory, shape, dtype)
-    n = len(tiles)
+    n, decoded = len(tiles), CHUNKS.misses
     masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False).masks
     del x, valid
     memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
-    return tuple(None if m.all() else m for m in masks)
+    return tuple(None if m.all() else m for m in masks), CHUNKS.misses - decoded

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import rasterio
 
 from pipeline import bench
 from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
@@ -13,7 +15,7 @@ from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
 
 def test_quick_bench_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["--quick", "--scenes", "2", "--readers", "2", "--finishers", "1", "--json", str(out),
+    args = ["--quick", "--scenes", "2", "--readers", "2", "--finishers", "1", "--block", "128", "--json", str(out),
             "--workdir", str(tmp_path / "work")]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
@@ -72,6 +74,12 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert set(report["targets"]) >= {"e2e_ratio_ge_0.9", "e2e_ratio_ge_0.9_paired", "rss_large_over_small_le_1.25", "model_ge_0.7_matmul",
                                       "warm_compile_le_0.2_cold"}
     assert not list((tmp_path / "work").glob("memory-*/*.tif"))  # large scenes are removed after use
+    sc = report["scene"]  # as asked for; its chunks of 256 (two blocks a side) each decoded at least once a scene
+    assert (sc["size"], sc["block"], sc["compress"], sc["chunk"], sc["chunks"]) == (512, 128, "deflate", [256, 256], 4)
+    with rasterio.open(tmp_path / "work" / "scene" / "scene.tif") as src:
+        assert src.block_shapes == [(128, 128)] * 4
+    assert e2e["decodes_per_chunk"] >= 1 and e2e["host_decodes_per_chunk"] >= 1
+    assert "blocks 128^2, deflate" in table
 
 
 @pytest.mark.parametrize("rounds", [1, 4, 5])
@@ -99,6 +107,29 @@ def test_bench_parser_defaults():
     assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--quick"])).quick
+    assert (opts.block, opts.compress) == (256, "deflate")
+    layout = bench.options_from_args(parser.parse_args(["bench", "--block", "512", "--compress", "zstd"]))
+    assert (layout.block, layout.compress) == (512, "zstd")
+    for bad in ("500", "0", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--block", bad])
+
+
+@pytest.mark.parametrize("block, compress", [(256, "deflate"), (512, "zstd"), (1024, "lzw"), (512, "none")])
+def test_the_generated_scene_is_stored_as_asked(tmp_path, block, compress):
+    path = bench.write_scene(tmp_path / "s.tif", 1100, 2, block=block, compress=compress)
+    with rasterio.open(path) as src:
+        assert src.block_shapes == [(block, block)] * 2 and (src.width, src.height) == (1100, 1100)
+        assert (src.compression.value.lower() if src.compression else "none") == compress
+        data = src.read()
+    assert data.dtype == np.uint16 and data.min() < data.max() and data[:, -1].any()  # written to the last row
+
+
+def test_the_generated_scene_needs_a_tile_side_and_a_known_compression(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        bench.write_scene(tmp_path / "s.tif", 64, 1, block=100)
+    with pytest.raises(ValueError, match="compress must be one of"):
+        bench.write_scene(tmp_path / "s.tif", 64, 1, compress="jpeg")
 
 
 @pytest.mark.parametrize("threads", [None, 6])

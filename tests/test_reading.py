@@ -18,8 +18,9 @@ from conftest import scene, write_raster
 from test_run import run
 
 from pipeline import reading, tasks
+from pipeline.chunks import ChunkReader
 from pipeline.infer import resolve_readers
-from pipeline.windows import tile_batches, tile_spec
+from pipeline.windows import source_window, tile_batches, tile_spec
 
 UINT16 = np.dtype(np.uint16)
 FLOAT32 = np.dtype(np.float32)
@@ -69,6 +70,22 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     reading.BUFFERS.clear()
     del there, lent, batch
     assert leftovers() == before  # the rest went with the batches' last views
+
+
+def test_the_chunks_a_batch_decodes_are_counted_where_it_is_read(tmp_path):
+    path = str(write_raster(tmp_path / "in.tif", scene(600, 700, seed=2)))  # 3 x 3 chunks of 256
+    spec = tile_spec(64, 16, 4)
+    pool = reading.reader_pool(READERS)
+    with rasterio.open(path) as src:
+        grid = ChunkReader.of(src, [1, 2, 3, 4]).grid
+    for tiles in tile_batches(700, 600, spec, 4)[::7]:
+        chunks = {c for t in tiles for c in grid.covering(source_window(t.read, 700, 600))}
+        for read in (lambda key: reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size, key),
+                     lambda key: reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key,
+                                                        dtype=UINT16)):
+            before = reading.chunks_decoded()
+            read(uuid.uuid4().hex)  # a new input to the cache: each of its chunks decoded once
+            assert reading.chunks_decoded() - before == len(chunks)
 
 
 def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
