@@ -723,7 +723,7 @@ def _scene_layout(scene: Path, bands: int, opts: BenchOptions) -> dict[str, Any]
         grid = ChunkReader.of(src, range(1, bands + 1)).grid
     return {"size": opts.size, "bands": bands, "dtype": SCENE_DTYPE, "block": opts.block,
             "compress": opts.compress, "chunk": [grid.rows, grid.cols],
-            "chunks": -(-grid.height // grid.rows) * -(-grid.width // grid.cols)}
+            "chunks": grid.count}
 
 
 def _decodes_per_chunk(run: dict[str, Any], scene: dict[str, Any], opts: BenchOptions) -> float:

@@ -62,6 +62,11 @@ class ChunkGrid:
         return [(i, j) for i in range(r0 // self.rows, (r1 - 1) // self.rows + 1)
                 for j in range(c0 // self.cols, (c1 - 1) // self.cols + 1)]
 
+    @property
+    def count(self) -> int:
+        """Chunks in the whole raster."""
+        return -(-self.height // self.rows) * -(-self.width // self.cols)
+
     def window(self, i: int, j: int) -> Window:
         """Chunk ``(i, j)``, clipped to the raster."""
         row, col = i * self.rows, j * self.cols

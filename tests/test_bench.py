@@ -76,7 +76,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert set(report["targets"]) >= {"e2e_ratio_ge_0.9", "e2e_ratio_ge_0.9_paired", "rss_large_over_small_le_1.25", "model_ge_0.7_matmul",
                                       "warm_compile_le_0.2_cold"}
     assert not list((tmp_path / "work").glob("memory-*/*.tif"))  # large scenes are removed after use
-    sc = report["scene"]  # as asked for; its chunks of 256 (two blocks a side) each decoded at least once a scene
+    sc = report["scene"]  # as asked for, decoded in chunks of 256 (two blocks a side)
     assert (sc["size"], sc["block"], sc["compress"], sc["chunk"], sc["chunks"]) == (512, 128, "deflate", [256, 256], 4)
     with rasterio.open(tmp_path / "work" / "scene" / "scene.tif") as src:
         assert src.block_shapes == [(128, 128)] * 4
