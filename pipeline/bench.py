@@ -529,7 +529,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands, block=opts.block, compress=opts.compress)
         for i in range(2, opts.scenes + 1):
             _link_or_copy(scene, scene_dir / f"scene-{i}.tif")
-        report["scene"] = _scene_layout(scene, cfg.in_bands, opts)
+        report["scene"] = {**_scene_layout(scene, cfg.in_bands, opts), **_checksum_rate(scene, opts.size**2)}
         inputs = _scene_batch(scene, spec, batch, ckpt.card)
 
         predictor = Predictor(ckpt, spec, batch, precision=precision)
@@ -726,6 +726,17 @@ def _scene_layout(scene: Path, bands: int, opts: BenchOptions) -> dict[str, Any]
             "chunks": grid.count}
 
 
+def _checksum_rate(scene: Path, pixels: int, repeats: int = 3) -> dict[str, Any]:
+    """How fast the scene file is checksummed (:func:`pipeline.checksums.file_checksum`, on the
+    run's one checksum thread, beside the inference): in bytes, and in pixels of output a
+    second, which no run of such files can outpace."""
+    from pipeline.checksums import ALGORITHM, file_checksum
+
+    seconds = _best_time(lambda: file_checksum(scene), 0.0, repeats)
+    return {"checksum": ALGORITHM, "checksum_gb_per_s": scene.stat().st_size / seconds / 1e9,
+            "checksum_mpx_per_s": pixels / seconds / 1e6}
+
+
 def _decodes_per_chunk(run: dict[str, Any], scene: dict[str, Any], opts: BenchOptions) -> float:
     """Chunks a run decoded per chunk of its scenes: 1 when each is decoded once, more where
     neighbouring batches read in different places decode the blocks of their shared halo."""
@@ -841,7 +852,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("scene", f"{sc['size']}^2 x {sc['bands']} {sc['dtype']}, blocks {sc['block']}^2, {sc['compress']}; "
                   f"decoded in chunks of {sc['chunk'][0]} x {sc['chunk'][1]}, each "
                   f"{e['decodes_per_chunk']:.2f} times end to end, {e['host_decodes_per_chunk']:.2f} in the "
-                  f"host ceiling's run"),
+                  f"host ceiling's run; checksummed ({sc['checksum']}) at {sc['checksum_gb_per_s']:.2f} GB/s, "
+                  f"{sc['checksum_mpx_per_s']:.0f} Mpx/s ({sc['checksum_mpx_per_s'] / m['mpx_per_s']:.0f}x model only)"),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['scenes']} x {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
                        f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -191,22 +190,6 @@ def reflect_in_place(data: np.ndarray, pads: tuple[tuple[int, int], tuple[int, i
         if after:
             end = size - after
             moved[end:] = np.flip(moved[end - 1 - after : end - 1], axis=0)
-
-
-def raster_sha256(path: InputPath) -> str:
-    """SHA-256 of a raster's georeferencing and every band's pixels, read block by block:
-    the content checksum of an input that only GDAL can read (no bytes through the OS)."""
-    digest = hashlib.sha256()
-    try:
-        with rasterio.open(path) as src:
-            digest.update(repr((src.width, src.height, src.count, src.dtypes, src.nodatavals,
-                                src.crs and src.crs.to_wkt(), tuple(src.transform))).encode())
-            for _, window in src.block_windows(1):
-                digest.update(src.read(window=window).tobytes())
-                digest.update(src.read_masks(window=window).tobytes())
-    except (RasterioError, OSError) as exc:
-        raise InputError(f"{path.name}: not a readable raster ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
-    return digest.hexdigest()
 
 
 def open_input(path: str | os.PathLike[str], what: str = "raster") -> rasterio.DatasetReader:

@@ -20,9 +20,9 @@ from typing import Any, Self
 
 from pipeline.config import Workflow
 from pipeline.errors import InputError
-from pipeline.io import GdalPath, InputPath, raster_sha256
+from pipeline.checksums import file_checksum, raster_checksum
+from pipeline.io import GdalPath, InputPath
 from pipeline.report import FileRecord
-from unet_flax.checkpoint import file_sha256
 
 LEDGER_NAME = "ledger.sqlite"
 
@@ -44,11 +44,11 @@ CREATE TABLE IF NOT EXISTS runs (
     forced INTEGER DEFAULT 0, pid INTEGER, host TEXT, error TEXT
 );
 CREATE TABLE IF NOT EXISTS files (
-    run_id TEXT, input TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, status TEXT, output TEXT,
+    run_id TEXT, input TEXT, size INTEGER, mtime_ns INTEGER, checksum TEXT, status TEXT, output TEXT,
     error TEXT, pixels INTEGER, seconds REAL, finished TEXT, PRIMARY KEY (run_id, input)
 );
 CREATE TABLE IF NOT EXISTS outputs (
-    input TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT, result_key TEXT,
+    input TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, checksum TEXT, result_key TEXT,
     output TEXT, run_id TEXT, finished TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_output ON runs (output_dir, started);
@@ -71,11 +71,12 @@ def now() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Fingerprint:
-    """What identifies an input's content: size and mtime for a quick look, sha256 to be sure."""
+    """What identifies an input's content: size and mtime for a quick look, its checksum
+    (:mod:`pipeline.checksums`) to be sure."""
 
     size: int
     mtime_ns: int
-    sha256: str
+    checksum: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +98,18 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        with self.db:
-            self.db.executescript(SCHEMA)
-            columns = {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}
-            if "error" not in columns:  # ledgers written before runs had an error column
+        self.db.executescript(SCHEMA)
+        with self.db:  # earlier ledgers, brought up to date once, by whichever process opens one first
+            self.db.execute("BEGIN IMMEDIATE")
+            if "error" not in self._columns("runs"):
                 self.db.execute("ALTER TABLE runs ADD COLUMN error TEXT")
+            for table in ("files", "outputs"):  # SHA-256 checksums, in a column of that name
+                if "checksum" not in self._columns(table):
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")
+                    self.db.execute(f"UPDATE {table} SET checksum = 'sha256:' || sha256 WHERE sha256 IS NOT NULL")
+
+    def _columns(self, table: str) -> set[str]:
+        return {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
 
     @classmethod
     def of(cls, wf: Workflow) -> Ledger:
@@ -161,40 +169,40 @@ class Ledger:
     # --- files ----------------------------------------------------------------------------
 
     def record(self, run_id: str, record: FileRecord, fp: Fingerprint | None) -> None:
-        self._write("INSERT OR REPLACE INTO files (run_id, input, size, mtime_ns, sha256, status, output, error, "
+        self._write("INSERT OR REPLACE INTO files (run_id, input, size, mtime_ns, checksum, status, output, error, "
                     "pixels, seconds, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, record.input, fp.size if fp else None, fp.mtime_ns if fp else None,
-                     fp.sha256 if fp else None, record.status, record.output, record.error, record.pixels,
+                     fp.checksum if fp else None, record.status, record.output, record.error, record.pixels,
                      record.seconds, now()))
 
     def remember_output(self, run_id: str, input: str, fp: Fingerprint, key: str, output: str) -> None:
         """``output`` is complete and verified for this content of ``input`` under ``key``."""
-        self._write("INSERT OR REPLACE INTO outputs (input, size, mtime_ns, sha256, result_key, output, run_id, "
+        self._write("INSERT OR REPLACE INTO outputs (input, size, mtime_ns, checksum, result_key, output, run_id, "
                     "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (input, fp.size, fp.mtime_ns, fp.sha256, key, output, run_id, now()))
+                    (input, fp.size, fp.mtime_ns, fp.checksum, key, output, run_id, now()))
 
     def known_output(self, input: str) -> KnownOutput | None:
         row = self.db.execute("SELECT * FROM outputs WHERE input = ?", (input,)).fetchone()
         if row is None:
             return None
-        return KnownOutput(row["input"], Fingerprint(row["size"], row["mtime_ns"], row["sha256"]),
+        return KnownOutput(row["input"], Fingerprint(row["size"], row["mtime_ns"], row["checksum"]),
                            row["result_key"], row["output"], row["run_id"])
 
 
 def fingerprint(path: InputPath, known: KnownOutput | None) -> Fingerprint:
-    """Size, mtime and sha256 of ``path``; the hash is reused when size and mtime are unchanged.
+    """Size, mtime and checksum of ``path``; the checksum is reused when size and mtime are unchanged.
     :class:`InputError` (one line, naming the file) if it cannot be read.
 
     An input only GDAL can read has no size or mtime here: its checksum is of its content
     (georeferencing and pixels), computed every run.
     """
     if isinstance(path, GdalPath):
-        return Fingerprint(0, 0, raster_sha256(path))
+        return Fingerprint(0, 0, raster_checksum(path))
     try:
         st = path.stat()
         if known and (known.fingerprint.size, known.fingerprint.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            return Fingerprint(st.st_size, st.st_mtime_ns, known.fingerprint.sha256)
-        return Fingerprint(st.st_size, st.st_mtime_ns, file_sha256(path))
+            return Fingerprint(st.st_size, st.st_mtime_ns, known.fingerprint.checksum)
+        return Fingerprint(st.st_size, st.st_mtime_ns, file_checksum(path))
     except OSError as exc:
         raise InputError(f"{path.name}: cannot read ({exc.strerror or exc})") from exc
 
@@ -213,5 +221,5 @@ def run_status(path: Path, output_dir: Path | None = None, runs: int = 5) -> dic
     return {
         "ledger": str(path),
         "runs": [{k: r[k] for k in keep} for r in rows],
-        "last_run_failed": [{"input": f["input"], "error": f["error"], "sha256": f["sha256"]} for f in failed],
+        "last_run_failed": [{"input": f["input"], "error": f["error"], "checksum": f["checksum"]} for f in failed],
     }

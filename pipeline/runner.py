@@ -140,7 +140,7 @@ class FileJob:
     error: str | None = None
     done: bool = False
 
-    def checksum(self, wait: bool = True) -> Fingerprint | None:
+    def fingerprinted(self, wait: bool = True) -> Fingerprint | None:
         """The input's fingerprint; ``wait=False`` gives None while it is still computed or
         if computing it failed (a file that failed anyway records no checksum then)."""
         fp = self.fingerprint
@@ -224,7 +224,7 @@ def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict
         "TILEPIPE_WORKFLOW_SHA256": wf.digest(),
         "TILEPIPE_VERSION": pipeline.__version__,
         "TILEPIPE_INPUT": job.info.path.name,
-        "TILEPIPE_INPUT_SHA256": job.checksum().sha256,  # set for every planned job (_plan_or_skip)
+        "TILEPIPE_INPUT_CHECKSUM": job.fingerprinted().checksum,  # set for every planned job (_plan_or_skip)
         "TILEPIPE_RUN_ID": run_id,
         "TILEPIPE_TIME": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -369,7 +369,7 @@ def _plan_or_skip(ctx: RunContext, path: InputPath, force: bool,
         except InputError as exc:
             ctx.finish(FileRecord(input=str(path), status="failed", error=str(exc)), None)
             return None
-        if fp.sha256 == known.fingerprint.sha256:
+        if fp.checksum == known.fingerprint.checksum:
             ctx.finish(FileRecord(input=str(path), status="skipped", output=str(dest),
                                   seconds=round(time.perf_counter() - t0, 3)), fp)
             return None
@@ -432,7 +432,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
             if other is file:
                 future.cancel()
         file.done = True
-        ctx.finish(file.record("failed"), file.checksum(wait=False))
+        ctx.finish(file.record("failed"), file.fingerprinted(wait=False))
 
     def collect(wait: bool) -> None:
         """Record finished COGs: those done, or (``wait``) the oldest one too."""
@@ -452,7 +452,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 fail(file, one_line(exc))
                 continue
             file.done = True
-            ctx.finish(file.record("ok", file.output), file.checksum())
+            ctx.finish(file.record("ok", file.output), file.fingerprinted())
             done += 1
             bar.set_description(f"{done}/{len(files)} files")
 

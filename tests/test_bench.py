@@ -85,6 +85,10 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
                   for tiles in tile_batches(512, 512, tile_spec(64, 16, 4), 4))
     assert e2e["decodes_per_chunk"] == e2e["host_decodes_per_chunk"] == touched / 4 > 1
     assert "blocks 128^2, deflate" in table
+    scene_bytes = (tmp_path / "work" / "scene" / "scene.tif").stat().st_size  # one timing, in bytes and pixels
+    assert sc["checksum"] == "blake3" and sc["checksum_mpx_per_s"] > 0
+    assert sc["checksum_gb_per_s"] * 1e9 / scene_bytes == pytest.approx(sc["checksum_mpx_per_s"] * 1e6 / 512**2)
+    assert f"checksummed (blake3) at {sc['checksum_gb_per_s']:.2f} GB/s" in table
 
 
 @pytest.mark.parametrize("rounds", [1, 4, 5])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
+
+import blake3
 
 from pipeline.config import load_workflow
-from pipeline.ledger import Fingerprint, Ledger, fingerprint, result_key, run_status
+from pipeline.ledger import Fingerprint, KnownOutput, Ledger, fingerprint, result_key, run_status
 from pipeline.report import FileRecord, format_status
 
 
@@ -29,22 +33,20 @@ def test_the_state_dir_defaults_beside_the_outputs(tmp_path, make_workflow):
     assert load_workflow(make_workflow(tmp_path), ["state.dir=elsewhere"]).state_dir == tmp_path.cwd() / "elsewhere"
 
 
-def test_the_hash_is_reused_only_while_size_and_mtime_hold(tmp_path):
+def test_the_checksum_is_reused_only_while_size_and_mtime_hold(tmp_path):
     path = tmp_path / "a.tif"
     path.write_bytes(b"abc")
     fp = fingerprint(path, None)
-    assert len(fp.sha256) == 64
-    from pipeline.ledger import KnownOutput
-
+    assert (fp.size, fp.checksum) == (3, "blake3:" + blake3.blake3(b"abc").hexdigest())
     known = KnownOutput(str(path), Fingerprint(fp.size, fp.mtime_ns, "cached"), "k", "o", "r")
-    assert fingerprint(path, known).sha256 == "cached"
+    assert fingerprint(path, known).checksum == "cached"
     os.utime(path, ns=(1, 1))
-    assert fingerprint(path, known).sha256 == fp.sha256
+    assert fingerprint(path, known).checksum == fp.checksum
 
 
 def test_runs_and_files_are_recorded_and_summarised(tmp_path, make_workflow):
     wf = load_workflow(make_workflow(tmp_path))
-    fp = Fingerprint(3, 1, "ab" * 32)
+    fp = Fingerprint(3, 1, "blake3:" + "ab" * 32)
     with Ledger.of(wf) as ledger:
         ledger.start_run("r1", wf, "k", "m", "2026-01-01T02:00:00+00:00", False)
         ledger.start_run("r2", wf, "k", "m", "2026-01-02T02:00:00+00:00", True)  # r1 was killed
@@ -57,8 +59,56 @@ def test_runs_and_files_are_recorded_and_summarised(tmp_path, make_workflow):
     status = run_status(wf.state_dir / "ledger.sqlite", wf.output.dir)
     assert [(r["run_id"], r["status"], r["ok"], r["failed"], r["forced"]) for r in status["runs"]] == [
         ("r2", "finished", 1, 1, 1), ("r1", "killed", 0, 0, 0)]
-    assert status["last_run_failed"] == [{"input": "/in/b.tif", "error": "b.tif: empty file (0 bytes)", "sha256": None}]
+    assert status["last_run_failed"] == [{"input": "/in/b.tif", "error": "b.tif: empty file (0 bytes)", "checksum": None}]
     table = format_status(status)
     assert table.splitlines()[0].split() == ["run", "started", "seconds", "status", "ok", "skipped", "failed"]
     assert "  b.tif: empty file (0 bytes)" in table
     assert run_status(wf.state_dir / "ledger.sqlite", tmp_path / "other")["runs"] == []
+
+
+EARLIER_SCHEMA = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, workflow TEXT, output_dir TEXT, workflow_sha256 TEXT, result_key TEXT,
+    model_sha256 TEXT, started TEXT, finished TEXT, seconds REAL, status TEXT,
+    ok INTEGER DEFAULT 0, skipped INTEGER DEFAULT 0, failed INTEGER DEFAULT 0,
+    forced INTEGER DEFAULT 0, pid INTEGER, host TEXT
+);
+CREATE TABLE files (
+    run_id TEXT, input TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, status TEXT, output TEXT,
+    error TEXT, pixels INTEGER, seconds REAL, finished TEXT, PRIMARY KEY (run_id, input)
+);
+CREATE TABLE outputs (
+    input TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT, result_key TEXT,
+    output TEXT, run_id TEXT, finished TEXT
+);
+"""
+
+
+def test_a_ledger_of_sha256_checksums_is_read_with_their_algorithm_named(tmp_path, make_workflow):
+    """A ledger an earlier tilepipe wrote (SHA-256 in a ``sha256`` column, runs without an
+    error column) opens as it is: its checksums read as ``sha256:<hex>``, new ones go beside."""
+    wf = load_workflow(make_workflow(tmp_path))
+    path = wf.state_dir / "ledger.sqlite"
+    path.parent.mkdir(parents=True)
+    digest = hashlib.sha256(b"abc").hexdigest()
+    with sqlite3.connect(path) as db:
+        db.executescript(EARLIER_SCHEMA)
+        db.execute("INSERT INTO runs (run_id, status) VALUES ('r0', 'finished')")
+        db.execute("INSERT INTO files (run_id, input, size, mtime_ns, sha256, status, error) "
+                   "VALUES ('r0', '/in/b.tif', 4, 2, ?, 'failed', 'b.tif: bad')", (digest,))
+        db.execute("INSERT INTO outputs VALUES ('/in/a.tif', 3, 1, ?, 'k', '/out/a.tif', 'r0', 'then')", (digest,))
+    db.close()
+    for _ in range(2):  # brought up to date once; opening it again changes nothing
+        with Ledger(path) as ledger:
+            assert ledger.known_output("/in/a.tif").fingerprint == Fingerprint(3, 1, f"sha256:{digest}")
+            assert ledger.files("r0")[0]["checksum"] == f"sha256:{digest}"
+    fp = Fingerprint(5, 6, "blake3:" + "cd" * 32)
+    with Ledger(path) as ledger:
+        ledger.start_run("r1", wf, "k", "m", "2026-01-01T02:00:00+00:00", False)
+        ledger.remember_output("r1", "/in/a.tif", fp, "k", "/out/a.tif")
+        ledger.record("r1", FileRecord("/in/b.tif", "failed", error="b.tif: bad"), fp)
+        ledger.finish_run("r1", "finished", 1.0, error="one failed")
+        assert ledger.known_output("/in/a.tif").fingerprint == fp
+    status = run_status(path)
+    assert status["runs"][0]["error"] == "one failed"
+    assert status["last_run_failed"] == [{"input": "/in/b.tif", "error": "b.tif: bad", "checksum": fp.checksum}]

@@ -7,6 +7,7 @@ file-size limit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import rasterio
@@ -35,7 +37,6 @@ from pipeline.ledger import fingerprint
 from pipeline.lock import hold_lock, lock_path
 from pipeline.runner import run_workflow
 from pipeline.sink import MaskSink
-from unet_flax.checkpoint import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,12 +141,39 @@ def test_only_a_checksum_that_decides_a_skip_delays_the_run(tmp_path, make_workf
     assert sorted(calls) == [("s0.tif", "tilepipe-hash_0"), ("s1.tif", "tilepipe-hash_0")]
     for name in ("s0.tif", "s1.tif"):
         with rasterio.open(outdir(tmp_path) / name) as out:
-            assert out.tags()["TILEPIPE_INPUT_SHA256"] == file_sha256(inputs / name)
+            assert out.tags()["TILEPIPE_INPUT_CHECKSUM"] == "blake3:" + blake3.blake3((inputs / name).read_bytes()).hexdigest()
 
     calls.clear()
     os.utime(inputs / "s0.tif", ns=(1, 1))  # hashed again before planning: same content, skipped
     assert run(wf) == 0
     assert sorted(calls) == [("s0.tif", "MainThread"), ("s1.tif", "MainThread")]
+    assert statuses(tmp_path) == {"s0.tif": "skipped", "s1.tif": "skipped"}
+
+
+def test_a_ledger_of_sha256_checksums_still_skips_what_it_finished(tmp_path, make_workflow):
+    """After an upgrade from SHA-256 checksums, an input whose size and mtime held is skipped
+    on the checksum recorded; one touched since is checksummed anew in BLAKE3, which cannot
+    equal a SHA-256, so it is run once more, and its BLAKE3 checksum recorded."""
+    inputs = make_inputs(tmp_path, n=2)
+    wf = make_workflow(inputs)
+    assert run(wf) == 0
+    path = outdir(tmp_path) / ".tilepipe" / "ledger.sqlite"
+    with sqlite3.connect(path) as db:  # as an earlier tilepipe kept it
+        for table in ("files", "outputs"):
+            db.execute(f"ALTER TABLE {table} RENAME COLUMN checksum TO sha256")
+            for name in ("s0.tif", "s1.tif"):
+                db.execute(f"UPDATE {table} SET sha256 = ? WHERE input = ?",
+                           (hashlib.sha256((inputs / name).read_bytes()).hexdigest(), str(inputs / name)))
+    db.close()
+    os.utime(inputs / "s1.tif", ns=(1, 1))
+    assert run(wf) == 0
+    assert statuses(tmp_path) == {"s0.tif": "skipped", "s1.tif": "ok"}
+    with sqlite3.connect(path) as db:
+        recorded = dict(db.execute("SELECT input, checksum FROM outputs").fetchall())
+    db.close()
+    assert recorded == {str(inputs / "s0.tif"): "sha256:" + hashlib.sha256((inputs / "s0.tif").read_bytes()).hexdigest(),
+                        str(inputs / "s1.tif"): "blake3:" + blake3.blake3((inputs / "s1.tif").read_bytes()).hexdigest()}
+    assert run(wf) == 0
     assert statuses(tmp_path) == {"s0.tif": "skipped", "s1.tif": "skipped"}
 
 

@@ -37,7 +37,7 @@ CARD = ModelCard(
 )
 PROVENANCE = {
     "TILEPIPE_MODEL": "tiny", "TILEPIPE_MODEL_SHA256": "ab" * 32, "TILEPIPE_WORKFLOW_SHA256": "cd" * 32,
-    "TILEPIPE_VERSION": "0.1.0", "TILEPIPE_INPUT": "scene_a.tif", "TILEPIPE_INPUT_SHA256": "ef" * 32,
+    "TILEPIPE_VERSION": "0.1.0", "TILEPIPE_INPUT": "scene_a.tif", "TILEPIPE_INPUT_CHECKSUM": "blake3:" + "ef" * 32,
     "TILEPIPE_RUN_ID": "run-1", "TILEPIPE_TIME": "2024-05-01T10:00:00+00:00",
 }
 CODES = {0, 3, 10, 255}
