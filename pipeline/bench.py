@@ -410,6 +410,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
+              "checksum_wait_s": report.checksum_wait_s,
               "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}, "chunks_decoded": decoded}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
@@ -595,6 +596,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                 "model_busy_share": e2e["model_busy_share"],
                                 # batches held back for publication, and publishing after the last batch
                                 "publish_wait_s": e2e["publish_wait_s"], "publish_tail_s": e2e["publish_tail_s"],
+                                # finished files waiting for their inputs' checksums (one thread)
+                                "checksum_wait_s": e2e["checksum_wait_s"],
                                 "decodes_per_chunk": _decodes_per_chunk(e2e, report["scene"], opts)}
         report["end_to_end"]["paired"] = paired = _paired(e2e)
         echo(f"end to end {opts.scenes} x {opts.size}^2 ({e2e['seconds']:.1f} s): {e2e_mpx:.3f} Mpx/s, ratio {report['end_to_end']['ratio_to_model_only']:.2f}"
@@ -609,6 +612,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
                                     host_publish_wait_s=host["publish_wait_s"],
                                     host_publish_tail_s=host["publish_tail_s"],
+                                    host_checksum_wait_s=host["checksum_wait_s"],
                                     host_decodes_per_chunk=_decodes_per_chunk(host, report["scene"], opts),
                                     host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"],
                                     # what the host spends per megapixel written: on an accelerator,
@@ -873,7 +877,9 @@ def format_table(report: dict[str, Any]) -> str:
                        f"{e['host_publish_wait_s']:.2f} s of the host ceiling's; after the last batch "
                        f"{e['publish_tail_s']:.2f} and {e['host_publish_tail_s']:.2f} s"
                        + (f" ({e['finishers']} finisher{'s' if e['finishers'] > 1 else ''})"
-                          if e.get("finishers") else "")),
+                          if e.get("finishers") else "")
+                       + f"; finished files waited for their checksums {e['checksum_wait_s']:.2f} and "
+                         f"{e['host_checksum_wait_s']:.2f} s"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
                    f"{mem['large']['size']}^2 {mem['large']['peak_rss_mb']:.0f} MB "
                    f"(x{mem['large_over_small']:.2f}; width-{mem['arch']['base_width']} model); shared pages "

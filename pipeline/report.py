@@ -52,6 +52,9 @@ class RunReport:
     than it keeps waiting: near 0 unless publishing (``runtime.finishers``) is what bounds the run."""
     publish_tail_s: float = 0.0
     """Seconds from the last batch's result to the end of the last file's publication."""
+    checksum_wait_s: float = 0.0
+    """Seconds finished files waited for their inputs' checksums (their provenance), summed over
+    the files: near 0 unless checksumming, on its one thread, is what bounds the run."""
 
     @property
     def model_busy_share(self) -> float | None:

@@ -139,6 +139,8 @@ class FileJob:
     sink: MaskSink | None = None
     error: str | None = None
     done: bool = False
+    checksum_wait_s: float = 0.0
+    """How long its publication waited for the fingerprint."""
 
     def fingerprinted(self, wait: bool = True) -> Fingerprint | None:
         """The input's fingerprint; ``wait=False`` gives None while it is still computed or
@@ -248,6 +250,8 @@ class RunContext:
     """Seconds the driver held batches back, waiting for a file's publication (too many waited)."""
     publish_tail_s: float = 0.0
     """Seconds from the last batch's result to the last file's publication."""
+    checksum_wait_s: float = 0.0
+    """Seconds finished files waited for their inputs' checksums, summed over the files."""
 
     def finish(self, record: FileRecord, fp: Fingerprint | None) -> None:
         """Record one input's outcome in the report, the ledger and the log."""
@@ -310,7 +314,8 @@ def run_workflow(wf: Workflow, *, progress: bool = True, echo: Callable[[str], N
                      model_busy_s={w: round(busy_seconds(s), 3) for w, s in ctx.model_spans.items()},
                      model_batch_s={w: round(statistics.median(end - start for start, end in s), 3)
                                     for w, s in ctx.model_spans.items()},
-                     publish_wait_s=round(ctx.publish_wait_s, 3), publish_tail_s=round(ctx.publish_tail_s, 3))
+                     publish_wait_s=round(ctx.publish_wait_s, 3), publish_tail_s=round(ctx.publish_tail_s, 3),
+                     checksum_wait_s=round(ctx.checksum_wait_s, 3))
 
 
 def _run_inputs(ctx: RunContext, inputs: list[Path], force: bool, progress: bool) -> str | None:
@@ -416,6 +421,9 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     def publish(file: FileJob) -> Path:
         """The file's COGs, on a publishing thread (which waits for a finisher where there are
         any, and for the file's checksum, which may still be computed)."""
+        t0 = time.perf_counter()
+        file.fingerprinted()
+        file.checksum_wait_s = time.perf_counter() - t0
         return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id), finishers)
 
     def forget_chunks(file: FileJob) -> None:
@@ -452,6 +460,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
                 fail(file, one_line(exc))
                 continue
             file.done = True
+            ctx.checksum_wait_s += file.checksum_wait_s
             ctx.finish(file.record("ok", file.output), file.fingerprinted())
             done += 1
             bar.set_description(f"{done}/{len(files)} files")

@@ -57,6 +57,8 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
                        (e2e["host_publish_wait_s"], e2e["host_publish_tail_s"])):
         assert wait >= 0 and tail > 0  # the last file is published after the last batch
     assert "batches held back for it" in table and "s (1 finisher)" in table
+    assert e2e["checksum_wait_s"] >= 0 and e2e["host_checksum_wait_s"] >= 0
+    assert "finished files waited for their checksums" in table
     for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, its readers and finishers
         assert cpu["process"] > 0 and cpu["readers"] > 0 and cpu["finishers"] > 0
     cores = len(os.sched_getaffinity(0))

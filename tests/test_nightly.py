@@ -150,6 +150,34 @@ def test_only_a_checksum_that_decides_a_skip_delays_the_run(tmp_path, make_workf
     assert statuses(tmp_path) == {"s0.tif": "skipped", "s1.tif": "skipped"}
 
 
+def test_the_report_says_how_long_finished_files_waited_for_their_checksums(tmp_path, make_workflow, monkeypatch):
+    """A file's outputs carry its input's checksum, so a finished file whose checksum is still
+    being computed waits for it; the report sums those waits, which say whether checksumming
+    (one thread) is what bounds the run."""
+    inputs = make_inputs(tmp_path, n=2)
+    publishing = threading.Event()
+    real_fingerprinted = pipeline.runner.FileJob.fingerprinted
+
+    def fingerprinted(self, wait=True):
+        if wait and self.info.path.name == "s1.tif" and threading.current_thread().name.startswith("tilepipe-cog"):
+            publishing.set()
+        return real_fingerprinted(self, wait)
+
+    def slow(path, known):  # s1's checksum ends 0.5 s after its publication began waiting for it
+        if path.name == "s1.tif":
+            assert publishing.wait(timeout=60)
+            time.sleep(0.5)
+        return fingerprint(path, known)
+
+    monkeypatch.setattr(pipeline.runner.FileJob, "fingerprinted", fingerprinted)
+    monkeypatch.setattr(pipeline.runner, "fingerprint", slow)
+    wf = load_workflow(make_workflow(inputs))
+    report = run_workflow(wf, progress=False)
+    assert report.count("ok") == 2
+    assert 0.5 <= report.checksum_wait_s < 30
+    assert report.to_json()["checksum_wait_s"] == report.checksum_wait_s
+
+
 def test_a_ledger_of_sha256_checksums_still_skips_what_it_finished(tmp_path, make_workflow):
     """After an upgrade from SHA-256 checksums, an input whose size and mtime held is skipped
     on the checksum recorded; one touched since is checksummed anew in BLAKE3, which cannot
