@@ -19,7 +19,7 @@ One run measures, on one model and one tile setting:
   its finishers, and the rate at which all the host's cores could do that work;
 * **memory scaling**: peak RSS of the same run on a small and a 4x-wider scene;
 * **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
-  second process with the cache the first one filled;
+  second process with the cache the first one filled, in three rounds (the median counts);
 * **precision**: bfloat16 against float32 class agreement (and bfloat16 speed);
 * **halo overhead**: pixels computed per pixel written;
 * **PyTorch** (``--torch``, when installed): the same U-Net, eager, channels-last,
@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,7 @@ class BenchOptions:
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
     min_seconds: float = 3.0  # per timed measurement
+    compile_rounds: int = 3  # cold and warm compile pairs, each over a cache of its own
     workdir: Path | None = None
     quick: bool = False
 
@@ -87,7 +89,7 @@ class BenchOptions:
 def quick_options(**overrides: Any) -> BenchOptions:
     """A tiny model and scene: every field of the report, in well under a minute."""
     base = dict(arch=(2, 8, 4, 3), size=512, tile=64, halo=16, batch=4, memory_sizes=(256, 512),
-                memory_arch=(2, 4, 4, 3), min_seconds=0.2, quick=True)
+                memory_arch=(2, 4, 4, 3), min_seconds=0.2, compile_rounds=2, quick=True)
     base.update(overrides)
     return BenchOptions(**base)
 
@@ -192,6 +194,11 @@ def _times(fn: Any, min_seconds: float, min_runs: int = 3) -> list[float]:
 def _best_time(fn: Any, min_seconds: float, min_runs: int = 3) -> float:
     """Best wall time of ``fn`` over at least ``min_runs`` runs and ``min_seconds``."""
     return min(_times(fn, min_seconds, min_runs))
+
+
+def median_round(rounds: Sequence[Any], ratio: Any) -> Any:
+    """The round whose ``ratio`` is the median (the higher of the middle two of an even count)."""
+    return sorted(rounds, key=ratio)[len(rounds) // 2]
 
 
 def paired_times(first: Any, second: Any, rounds: int = 6, runs: int = 2) -> tuple[list[float], list[float]]:
@@ -472,7 +479,6 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     work = Path(tmp.name if tmp else opts.workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        cache = work / f"jax-cache-{os.getpid()}-{time.time_ns()}"  # empty: the first compile is cold
         checkpoint = opts.model or make_checkpoint(work / "bench-model.safetensors", opts.arch)
         ckpt = load_checkpoint(checkpoint)
         cfg = ckpt.card.unet
@@ -492,20 +498,28 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
              f"tile {spec.tile} + halo {spec.halo}")
 
-        # Compilation: a cold process, then a second process over the cache it filled.
+        # Compilation: a cold process, then a second process over the cache it filled, in rounds,
+        # each with a cache of its own; the median round counts (one pair is the machine's minute).
         batch0 = opts.batch if isinstance(opts.batch, int) else 1
-        child_args = [str(checkpoint), str(cache), str(spec.tile), str(spec.halo), str(batch0), precision]
-        cold, _, cold_wall = _child(["compile", *child_args])
-        warm, _, warm_wall = _child(["compile", *child_args])
+        rounds = []
+        for _ in range(opts.compile_rounds):
+            cache = work / f"jax-cache-{os.getpid()}-{time.time_ns()}"  # empty: the first compile is cold
+            child_args = [str(checkpoint), str(cache), str(spec.tile), str(spec.halo), str(batch0), precision]
+            rounds.append((cache, _child(["compile", *child_args]), _child(["compile", *child_args])))
+        cache, (cold, _, cold_wall), (warm, _, warm_wall) = median_round(
+            rounds, lambda r: r[2][0]["compile_s"] / r[1][0]["compile_s"])
         report["compile"] = {"batch": batch0, "cold_s": cold["compile_s"], "warm_s": warm["compile_s"],
                              "warm_over_cold": warm["compile_s"] / cold["compile_s"],
                              "cold_lower_s": cold["lower_s"], "warm_lower_s": warm["lower_s"],
                              "cold_xla_s": cold["xla_compile_s"], "warm_xla_s": warm["xla_compile_s"],
                              "cold_process_s": cold_wall, "warm_process_s": warm_wall,
-                             "cache_dir": str(cache), "cache_files": warm["cache_files"]}
+                             "cache_dir": str(cache), "cache_files": warm["cache_files"],
+                             "rounds": [{"cold_s": c[0]["compile_s"], "warm_s": w[0]["compile_s"]}
+                                        for _, c, w in rounds]}
         xla_fpp = cold["xla_flops"] / (batch0 * spec.read_size**2) if cold["xla_flops"] else None
         report["model"]["xla_cost_analysis_flops_per_pixel"] = xla_fpp
-        echo(f"compile: cold {cold['compile_s']:.2f} s, warm (second process) {warm['compile_s']:.2f} s")
+        echo(f"compile: cold {cold['compile_s']:.2f} s, warm (second process) {warm['compile_s']:.2f} s"
+             f" (median of {len(rounds)} rounds)")
 
         configure_jax(str(cache))
         if opts.batch == "auto":
@@ -886,7 +900,9 @@ def format_table(report: dict[str, Any]) -> str:
                    f"counted once (PSS) {mem['small']['peak_pss_mb']:.0f} and {mem['large']['peak_pss_mb']:.0f} MB "
                    f"(x{mem['large_over_small_pss']:.2f})"),
         ("compile", f"cold {c['cold_s']:.2f} s, warm cache (2nd process) {c['warm_s']:.2f} s "
-                    f"(x{c['warm_over_cold']:.2f}; of which tracing and lowering {c['cold_lower_s']:.2f} / "
+                    f"(x{c['warm_over_cold']:.2f}, the median of {len(c['rounds'])} rounds: "
+                    + ", ".join(f"x{r['warm_s'] / r['cold_s']:.2f}" for r in c["rounds"])
+                    + f"; of which tracing and lowering {c['cold_lower_s']:.2f} / "
                     f"{c['warm_lower_s']:.2f} s, XLA {c['cold_xla_s']:.2f} / {c['warm_xla_s']:.2f} s)"),
         ("halo", f"{report['halo']['nominal']:.2f} px computed per px written "
                  f"({report['halo']['measured']:.2f} on this scene)"),

@@ -70,6 +70,9 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
     assert comp["cold_lower_s"] > 0 and comp["warm_xla_s"] > 0
     assert comp["cold_lower_s"] + comp["cold_xla_s"] == pytest.approx(comp["cold_s"])
+    ratios = [r["warm_s"] / r["cold_s"] for r in comp["rounds"]]  # two rounds: the higher ratio counts
+    assert len(ratios) == 2 and comp["warm_over_cold"] == max(ratios)
+    assert f"the median of 2 rounds: x{ratios[0]:.2f}, x{ratios[1]:.2f}" in table
     assert report["halo"]["nominal"] == (64 + 2 * 16) ** 2 / 64**2
     assert report["halo"]["measured"] >= report["halo"]["nominal"]
     assert 0.9 <= report["precision"]["class_agreement"] <= 1.0
@@ -91,6 +94,12 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert sc["checksum"] == "blake3" and sc["checksum_mpx_per_s"] > 0
     assert sc["checksum_gb_per_s"] * 1e9 / scene_bytes == pytest.approx(sc["checksum_mpx_per_s"] * 1e6 / 512**2)
     assert f"checksummed (blake3) at {sc['checksum_gb_per_s']:.2f} GB/s" in table
+
+
+@pytest.mark.parametrize(("ratios", "chosen"), [([0.3], 0.3), ([0.3, 0.1, 0.2], 0.2), ([0.4, 0.1, 0.3, 0.2], 0.3)])
+def test_the_median_round_counts(ratios, chosen):
+    rounds = [{"ratio": r, "index": i} for i, r in enumerate(ratios)]
+    assert bench.median_round(rounds, lambda r: r["ratio"])["ratio"] == chosen
 
 
 @pytest.mark.parametrize("rounds", [1, 4, 5])
