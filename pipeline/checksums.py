@@ -23,6 +23,8 @@ ALGORITHM = "blake3"
 READ_BYTES = 1 << 20
 """Read size: the file is read into one buffer, never mapped (a file truncated while mapped
 kills the process with SIGBUS; a read only fails)."""
+STRIP_BYTES = 8 << 20
+"""About how much of a GDAL-only raster is read at once: a strip of whole rows."""
 
 
 def file_checksum(path: str | os.PathLike[str]) -> str:
@@ -41,14 +43,17 @@ def raster_checksum(path: InputPath) -> str:
     checksum of an input that only GDAL can read (no bytes through the OS), the same however
     the raster is stored. :class:`InputError` (one line, naming the file) if it cannot be read.
 
-    Read in strips of whole rows, a block high, and hashed row by row (each row's bands, then their masks),
-    so that neither the block layout nor the strip height changes the bytes hashed."""
+    Read in strips of whole rows, whole blocks high and about :data:`STRIP_BYTES` of values, and
+    hashed row by row (each row's bands, then their masks), so that neither the block layout nor
+    the strip height changes the bytes hashed."""
     digest = blake3.blake3()
     try:
         with rasterio.open(path) as src:
             digest.update(repr((src.width, src.height, src.count, src.dtypes, src.nodatavals,
                                 src.crs and src.crs.to_wkt(), tuple(src.transform))).encode())
-            rows = src.block_shapes[0][0]
+            block_rows = src.block_shapes[0][0]
+            row_bytes = src.width * sum(np.dtype(d).itemsize for d in src.dtypes)
+            rows = block_rows * max(1, STRIP_BYTES // (row_bytes * block_rows))
             for row in range(0, src.height, rows):
                 window = Window(0, row, src.width, min(rows, src.height - row))
                 values, masks = src.read(window=window), src.read_masks(window=window)

@@ -8,8 +8,9 @@ import blake3
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import scene, write_raster
+
+import pipeline.checksums
 from pipeline.checksums import READ_BYTES, file_checksum, raster_checksum
 from pipeline.errors import InputError
 from pipeline.io import GdalPath
@@ -59,6 +60,14 @@ def test_a_raster_checksum_is_of_its_content_not_its_encoding(tmp_path, dtype):
         dst.write(band, 2)
     changed = {raster_checksum(GdalPath(p)) for p in (shifted, other_nodata, one_pixel)}
     assert len(changed) == 3 and checksum not in changed
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "striped"])
+def test_a_raster_checksum_is_the_same_read_in_any_strips(tmp_path, monkeypatch, tiled):
+    path = GdalPath(write_raster(tmp_path / "a.tif", scene(70, 30, 2), tiled=tiled))
+    whole = raster_checksum(path)  # one strip
+    monkeypatch.setattr(pipeline.checksums, "STRIP_BYTES", 1)  # a block (16 rows) or a row at a time
+    assert raster_checksum(path) == whole
 
 
 def test_a_raster_checksum_counts_the_mask(tmp_path):
