@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import sqlite3
 
@@ -112,3 +113,34 @@ def test_a_ledger_of_sha256_checksums_is_read_with_their_algorithm_named(tmp_pat
     status = run_status(path)
     assert status["runs"][0]["error"] == "one failed"
     assert status["last_run_failed"] == [{"input": "/in/b.tif", "error": "b.tif: bad", "checksum": fp.checksum}]
+
+
+def test_processes_opening_an_earlier_ledger_at_once_bring_it_up_to_date_once(tmp_path):
+    """Runs of different outputs may share a state directory: the first to open an earlier
+    ledger adds its columns, the others wait for it (one transaction) and find them there."""
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(EARLIER_SCHEMA)
+        db.execute("INSERT INTO outputs VALUES ('/in/a.tif', 3, 1, 'ab', 'k', '/out/a.tif', 'r0', 'then')")
+    db.close()
+    ctx = multiprocessing.get_context("spawn")
+    start, found = ctx.Barrier(6), ctx.Queue()
+    processes = [ctx.Process(target=_open_at_once, args=(path, start, found)) for _ in range(6)]
+    for p in processes:
+        p.start()
+    results = sorted(found.get(timeout=120) for _ in processes)
+    for p in processes:
+        p.join(timeout=60)
+    assert results == ["sha256:ab"] * 6
+    with sqlite3.connect(path) as db:
+        assert [r[1] for r in db.execute("PRAGMA table_info(outputs)")].count("checksum") == 1
+    db.close()
+
+
+def _open_at_once(path, start, found):
+    start.wait(timeout=60)  # every process imported, then all open the ledger together
+    try:
+        with Ledger(path) as ledger:
+            found.put(ledger.known_output("/in/a.tif").fingerprint.checksum)
+    except Exception as exc:  # noqa: BLE001  # reported to the test, which fails on it
+        found.put(f"{type(exc).__name__}: {exc}")
