@@ -952,6 +952,13 @@ def block_side(text: str) -> int:
     return int(text)
 
 
+def positive(text: str) -> int:
+    """A --compile-rounds value (argparse type): a whole number, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a whole number, at least 1")
+    return int(text)
+
+
 def count_or_auto(text: str) -> int | str:
     """A --readers, --finishers or --halo value (argparse type): a whole number, 0 included, or auto."""
     if text == "auto":
@@ -988,6 +995,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--finishers", type=count_or_auto, default="auto",
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
                         "on CPU, a third of the cores and at least 2 on GPU/TPU)")
+    p.add_argument("--compile-rounds", type=positive,
+                   help="cold and warm compile pairs, each over a cache of its own; the median counts "
+                        "(default 3, 2 with --quick; 1 where each process start is dear, as on an accelerator)")
     p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
                    help="small,large scene sides for the peak-RSS comparison")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -1002,6 +1012,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
                   block=args.block, compress=args.compress,
                   readers=args.readers, finishers=args.finishers, torch=args.torch, workdir=args.workdir)
+    if args.compile_rounds is not None:
+        common["compile_rounds"] = args.compile_rounds
     if args.quick:
         return quick_options(**common)
     return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,

@@ -133,6 +133,12 @@ def test_bench_parser_defaults():
     for bad in ("500", "0", "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "--block", bad])
+    assert opts.compile_rounds == 3 and bench.options_from_args(parser.parse_args(["bench", "--quick"])).compile_rounds == 2
+    for args in (["--compile-rounds", "1"], ["--quick", "--compile-rounds", "1"]):
+        assert bench.options_from_args(parser.parse_args(["bench", *args])).compile_rounds == 1
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--compile-rounds", bad])
 
 
 @pytest.mark.parametrize("block, compress", [(256, "deflate"), (512, "zstd"), (1024, "lzw"), (512, "none")])
