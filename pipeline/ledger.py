@@ -18,9 +18,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Self
 
+from pipeline.checksums import file_checksum, raster_checksum
 from pipeline.config import Workflow
 from pipeline.errors import InputError
-from pipeline.checksums import file_checksum, raster_checksum
 from pipeline.io import GdalPath, InputPath
 from pipeline.report import FileRecord
 
