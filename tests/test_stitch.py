@@ -40,3 +40,10 @@ def test_class_counts_are_those_of_bincount(codes, transposed):
     counts = class_counts(codes)
     assert counts.shape == (256,)
     np.testing.assert_array_equal(counts, np.bincount(codes.ravel(), minlength=256))
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 31, 32, 33, 1001])
+def test_class_counts_are_exact_across_the_pieces_they_are_widened_in(size):
+    codes = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    for piece in (1, 3, 8, 16, 64):  # pieces of pairs: sizes around 2 * piece and beyond
+        np.testing.assert_array_equal(class_counts(codes, piece), np.bincount(codes, minlength=256))
