@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
 import importlib
 import multiprocessing
 import os
@@ -21,6 +22,12 @@ import time
 
 PARENT_POLL = 0.5
 """Seconds between a child's looks at whether its parent still lives."""
+
+HEAP_KEPT = 256 * 2**20
+"""Freed heap a child keeps for its next task rather than handing it back (glibc)."""
+MMAP_THRESHOLD = 32 * 2**20
+"""Allocations this large a child maps afresh, smaller ones come from its heap: the most that
+glibc's adaptive threshold reaches."""
 
 
 _POOLS: dict[tuple[str, int], concurrent.futures.ProcessPoolExecutor] = {}
@@ -75,8 +82,10 @@ def _started(module: str) -> int:
 
 
 def _watch(parent: int) -> None:
-    """A child's start: ignore Ctrl-C, and end when ``parent`` is gone."""
+    """A child's start: ignore Ctrl-C, keep freed heap (:func:`_keep_heap`), and end when
+    ``parent`` is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _keep_heap()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -84,3 +93,24 @@ def _watch(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="tilepipe-child-parent", daemon=True).start()
+
+
+def _keep_heap() -> None:
+    """Fix glibc's heap thresholds in this process (:data:`HEAP_KEPT`, :data:`MMAP_THRESHOLD`),
+    so that what one task frees serves the next; elsewhere, nothing.
+
+    A reader's every chunk is a fresh array of about 512 KB, and glibc's adaptive thresholds
+    kept mapping such arrays afresh, or trimming the heap and growing it again: the kernel
+    faulted in and zeroed the pages of every chunk, 18-22 ms of system time for a batch of 64
+    tiles read alone, against 5-8 ms with the thresholds fixed."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return
+    except (AttributeError, ValueError, OSError):  # no confstr, or not glibc
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT)
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
