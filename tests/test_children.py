@@ -3,7 +3,6 @@ they keep between tasks."""
 
 import concurrent.futures
 import multiprocessing
-import platform
 import resource
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from pipeline import children
 
-glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="heap thresholds are glibc's")
+glibc = pytest.mark.skipif(not children.glibc(), reason="heap thresholds are glibc's")
 
 
 def heap_faults(rounds: int = 4, arrays: int = 40, size: int = 2**19) -> int:
