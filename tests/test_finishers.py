@@ -166,7 +166,10 @@ def _has_finishers() -> bool:
     return sink.finisher_pool(2) is not None
 
 
-def test_verification_reads_every_row_of_blocks_and_names_a_corrupt_one(tmp_path):
+@pytest.mark.parametrize("handle_bytes", [1, 2 * 256 * 520, sink.VERIFY_BYTES],
+                         ids=["a handle per row of blocks", "two rows a handle", "one handle"])
+def test_verification_reads_every_row_of_blocks_and_names_a_corrupt_one(tmp_path, monkeypatch, handle_bytes):
+    monkeypatch.setattr(sink, "VERIFY_BYTES", handle_bytes)
     path = tmp_path / "out.tif"
     profile = {"driver": "GTiff", "width": 520, "height": 600, "count": 1, "dtype": "uint8", "tiled": True,
                "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
