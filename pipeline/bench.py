@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,8 @@ class RssSampler:
     worker and the reader writing it, and the libraries of spawned children; Linux only, else
     RSS). The children are listed again only every ``relist`` s: listing them scans every
     process on the machine, and doing it at each sample took 7% of a core here, taken from the
-    run being measured."""
+    run being measured. Both include the stores of chunks the readers share
+    (:mod:`pipeline.halos`): memory no process maps, so in no RSS."""
 
     def __init__(self, pid: int, interval: float = 0.2, relist: float = 1.0):
         import psutil
@@ -250,7 +251,8 @@ class RssSampler:
                     continue
                 rss += resident
                 pss += _pss(proc.pid, resident)
-            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            stored = _chunk_stores(proc.pid for proc in procs)
+            self.peak, self.peak_pss = max(self.peak, rss + stored), max(self.peak_pss, pss + stored)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
@@ -260,6 +262,25 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _chunk_stores(pids: Iterable[int]) -> int:
+    """Bytes held by the stores of shared chunks (:mod:`pipeline.halos`) that ``pids`` have
+    open, each store once (Linux; 0 elsewhere)."""
+    held: dict[int, int] = {}
+    for pid in pids:
+        try:
+            entries = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if os.readlink(entry.path).startswith("/memfd:tilepipe-chunks"):
+                    st = os.stat(entry.path)
+                    held[st.st_ino] = st.st_blocks * 512
+            except OSError:  # closed meanwhile
+                continue
+    return sum(held.values())
 
 
 def _pss(pid: int, rss: int) -> int:
@@ -757,7 +778,9 @@ def _checksum_rate(scene: Path, pixels: int, repeats: int = 3) -> dict[str, Any]
 
 def _decodes_per_chunk(run: dict[str, Any], scene: dict[str, Any], opts: BenchOptions) -> float:
     """Chunks a run decoded per chunk of its scenes: 1 when each is decoded once, more where
-    neighbouring batches read in different places decode the blocks of their shared halo."""
+    neighbouring batches decode the blocks of the halo they share again (past the budget of the
+    store a worker's readers share them through, :mod:`pipeline.halos`, or of the cache its
+    threads share, :mod:`pipeline.chunks`)."""
     return run["chunks_decoded"] / (scene["chunks"] * opts.scenes)
 
 

@@ -20,13 +20,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
+
+from pipeline.windows import Tile, source_window
+
+if TYPE_CHECKING:
+    from pipeline.halos import SharedChunks
 
 CHUNK = 256
 BAND_BUDGET = 36 * 2**20
@@ -63,9 +70,14 @@ class ChunkGrid:
                 for j in range(c0 // self.cols, (c1 - 1) // self.cols + 1)]
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """Rows and columns of chunks over the whole raster."""
+        return -(-self.height // self.rows), -(-self.width // self.cols)
+
+    @property
     def count(self) -> int:
         """Chunks in the whole raster."""
-        return -(-self.height // self.rows) * -(-self.width // self.cols)
+        return math.prod(self.shape)
 
     def window(self, i: int, j: int) -> Window:
         """Chunk ``(i, j)``, clipped to the raster."""
@@ -95,6 +107,37 @@ class ChunkGrid:
         from one read of a chunk to its next (its LRU stack distance). A batch read alone needs
         the chunks of about two columns of its tiles, not all of its own."""
         return _stack_distance([key for window in windows for key in self.covering(window)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkUsers:
+    """How many batches of a plan read each chunk of a grid of ``shape`` chunks (row by row,
+    ``counts`` as int32 bytes: small to send with each batch, and hashable)."""
+
+    shape: tuple[int, int]
+    counts: bytes
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.counts, np.int32).reshape(self.shape)
+
+    @property
+    def shared(self) -> bool:
+        """Whether any chunk is read by more than one batch."""
+        return bool((self.array() > 1).any())
+
+
+def chunk_users(grid: ChunkGrid, batches: Iterable[Sequence[Tile]]) -> ChunkUsers:
+    """How many of ``batches`` read each chunk of ``grid``: a batch reads the chunks its
+    tiles' source windows (:func:`pipeline.windows.source_window`) touch, each once."""
+    counts = np.zeros(grid.shape, np.int32)
+    for tiles in batches:
+        touched = np.zeros(grid.shape, bool)
+        for tile in tiles:
+            s = source_window(tile.read, grid.width, grid.height)
+            touched[s.row_off // grid.rows : (s.row_off + s.height - 1) // grid.rows + 1,
+                    s.col_off // grid.cols : (s.col_off + s.width - 1) // grid.cols + 1] = True
+        counts += touched
+    return ChunkUsers(grid.shape, counts.tobytes())
 
 
 def _stack_distance(keys: Sequence[Hashable]) -> int:
@@ -218,6 +261,8 @@ class ChunkReader:
     key: Hashable
     grid: ChunkGrid
     masked: bool
+    shared: SharedChunks | None = None
+    """Where chunks that other batches read too are decoded once for all (:mod:`pipeline.halos`)."""
 
     @classmethod
     def of(cls, src: rasterio.DatasetReader, bands: Sequence[int], cache: ChunkCache | None = None,
@@ -261,7 +306,7 @@ class ChunkReader:
         valid = np.empty((len(self.bands), h, w), np.uint8) if self.masked else None
         for i, j in self.grid.covering(window):
             area = self.grid.window(i, j)
-            chunk = self.cache.get((self.key, self.bands, i, j), lambda area=area: self._load(area))
+            chunk = self.cache.get((self.key, self.bands, i, j), lambda i=i, j=j, area=area: self._fetch(i, j, area))
             top, bottom = max(r0, area.row_off), min(r0 + h, area.row_off + area.height)
             left, right = max(c0, area.col_off), min(c0 + w, area.col_off + area.width)
             at = np.s_[:, top - r0 : bottom - r0, left - c0 : right - c0]
@@ -271,7 +316,21 @@ class ChunkReader:
                 valid[at] = chunk.masks[part]
         return data, valid
 
+    @property
+    def slot_bytes(self) -> int:
+        """The most bytes a chunk takes: a full chunk of every band, and its masks."""
+        return self.grid.rows * self.grid.cols * len(self.bands) * (self.dtype.itemsize + self.masked)
+
+    def _fetch(self, i: int, j: int, area: Window) -> Chunk:
+        if self.shared is None:
+            return self._load(area)
+        return self.shared.get(i, j, self.slot_bytes, lambda: self._load(area), lambda: self._empty(area))
+
+    def _empty(self, area: Window) -> Chunk:
+        shape = (len(self.bands), int(area.height), int(area.width))
+        return Chunk(np.empty(shape, self.dtype), np.empty(shape, np.uint8) if self.masked else None)
+
     def _load(self, area: Window) -> Chunk:
         bands = list(self.bands)
-        return Chunk(self.src.read(bands, window=area),
+        return Chunk(self.src.read(bands, window=area).astype(self.dtype, copy=False),
                      self.src.read_masks(bands, window=area) if self.masked else None)

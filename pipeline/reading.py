@@ -10,11 +10,14 @@ reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
 each batch in a child process (through a chunk cache of its own, emptied after each batch,
 and a small GDAL block cache) into shared memory that the worker maps as the batch and keeps
-for a next one (:data:`BUFFERS`). This module imports no JAX, so the children stay light.
+for a next one (:data:`BUFFERS`). The chunks that neighbouring batches both read (their
+halos) are decoded once for all the worker's readers, through a store per input
+(:data:`STORES`, :mod:`pipeline.halos`). This module imports no JAX, so the children stay light.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -34,7 +37,8 @@ from rasterio import windows
 from rasterio.windows import Window
 
 from pipeline import children
-from pipeline.chunks import ChunkCache, ChunkReader
+from pipeline.chunks import ChunkCache, ChunkReader, ChunkUsers
+from pipeline.halos import ChunkStore, SharedChunks
 from pipeline.io import pack_valid, packed_shape, read_tile, wire_dtype
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
@@ -69,11 +73,12 @@ class BatchInputs:
 
 def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable = None,
                out: np.ndarray | None = None, valid: np.ndarray | None = None, dtype: np.dtype | None = None,
-               keep: bool = True) -> BatchInputs:
+               keep: bool = True, shared: SharedChunks | None = None) -> BatchInputs:
     """Read ``tiles`` of ``path``, each straight into its slot of the batch (``out`` and
     ``valid``, packed, if given, else new arrays; in ``dtype``, by default the input's wire dtype);
     with ``key``, through :data:`CHUNKS`, sized for batches like this one, or (not ``keep``)
-    for this batch alone, whose chunks and GDAL's blocks are then let go."""
+    for this batch alone, whose chunks and GDAL's blocks are then let go; the chunks other
+    batches read too through ``shared`` where given (and of this input's chunk grid)."""
     masks = []
     with rasterio.open(path) as src:
         if out is None:
@@ -81,6 +86,8 @@ def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size
             out = np.empty((len(tiles), len(bands), read_size, read_size), dtype)
         valid = np.empty(packed_shape(len(tiles), read_size), np.uint8) if valid is None else valid
         reader = ChunkReader.of(src, bands, CHUNKS if key is not None else None, key)
+        if shared is not None and shared.shape == reader.grid.shape:
+            reader = dataclasses.replace(reader, shared=shared)
         if key is not None:
             CHUNKS.resize(_chunk_budget(reader, tiles, keep), key)
         try:
@@ -109,8 +116,9 @@ def _chunk_budget(reader: ChunkReader, tiles: Sequence[Tile], keep: bool) -> int
 async def forget_chunks(read_key: str) -> None:
     """Free this worker's chunks of an input whose batches are all read: a coroutine, so that
     ``Client.run`` can send it to every worker without waiting for their answers. (Reader
-    processes keep none beyond each batch.)"""
+    processes keep none beyond each batch, and its :data:`STORES` store goes.)"""
     CHUNKS.forget(read_key)
+    STORES.forget(read_key)
 
 
 def reader_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
@@ -227,10 +235,94 @@ BUFFERS = BatchBuffers()
 """This process's buffers for batches read in its reader processes."""
 
 
+class ChunkStores:
+    """The :class:`~pipeline.halos.ChunkStore` of each planned input whose batches this
+    process's readers read: made by its first batch, kept while any batch of it is read and
+    until the input is forgotten (:func:`forget_chunks`); one forgotten is not made again."""
+
+    FORGOTTEN = 4096
+    """Inputs remembered as forgotten (a batch of one may still be running when it is)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, list] = {}  # key -> [store, batches reading it, forgotten]
+        self._forgotten: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self, key: Hashable, users: ChunkUsers | None) -> Iterator[str | None]:
+        """The path of ``key``'s store for the with-block; None where there is none to share
+        (no key or plan, no chunk read twice, or no store can be had here)."""
+        entry = self._acquire(key, users)
+        try:
+            yield None if entry is None else entry[0].path
+        finally:
+            if entry is not None:
+                with self._lock:
+                    entry[1] -= 1
+                    self._close_if_done(key, entry)
+
+    def forget(self, key: Hashable) -> None:
+        with self._lock:
+            self._forgotten[key] = None
+            while len(self._forgotten) > self.FORGOTTEN:
+                self._forgotten.popitem(last=False)
+            entry = self._open.get(key)
+            if entry is not None:
+                entry[2] = True
+                self._close_if_done(key, entry)
+
+    def stored(self, key: Hashable) -> int | None:
+        """Bytes of chunks ``key``'s store holds now (None: it has none open)."""
+        with self._lock:
+            entry = self._open.get(key)
+            return None if entry is None else entry[0].stored_bytes()
+
+    def clear(self) -> None:
+        """Forget every input (the end of a run)."""
+        with self._lock:
+            keys = list(self._open)
+        for key in keys:
+            self.forget(key)
+
+    def __len__(self) -> int:
+        """Stores open now."""
+        return len(self._open)
+
+    def _acquire(self, key: Hashable, users: ChunkUsers | None) -> list | None:
+        if not isinstance(key, str) or users is None or _UNSTORED:
+            return None
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                if key in self._forgotten or not users.shared:
+                    return None
+                try:
+                    entry = self._open[key] = [ChunkStore.create(key, users), 0, False]
+                except OSError as exc:
+                    _UNSTORED.append(str(exc))
+                    LOG.warning("no store of shared chunks here (%s): each batch decodes its own", exc)
+                    return None
+            entry[1] += 1
+            return entry
+
+    def _close_if_done(self, key: Hashable, entry: list) -> None:
+        if entry[2] and entry[1] == 0:
+            del self._open[key]
+            entry[0].close()
+
+
+STORES = ChunkStores()
+"""This process's stores of the chunks its readers share (:mod:`pipeline.halos`)."""
+
+_UNSTORED: list[str] = []
+"""Why this process has no stores, once it could not make one."""
+
+
 async def drop_buffers() -> None:
-    """Close a worker's idle batch buffers at the end of a run (a coroutine, as
-    :func:`forget_chunks` is)."""
+    """Close a worker's idle batch buffers, and its stores of chunks, at the end of a run (a
+    coroutine, as :func:`forget_chunks` is)."""
     BUFFERS.clear()
+    STORES.clear()
 
 
 class NoSharedBatch(Exception):
@@ -238,15 +330,17 @@ class NoSharedBatch(Exception):
 
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
-                   bands: Sequence[int], read_size: int, key: Hashable = None, *, dtype: np.dtype) -> BatchInputs:
+                   bands: Sequence[int], read_size: int, key: Hashable = None, *, dtype: np.dtype,
+                   users: ChunkUsers | None = None) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes, in ``dtype`` (the wire dtype the
     planner chose): the same batch, read beside this process's GIL into shared memory of its
     own, which this process maps (no copy) and which lasts as long as the batch. Where it
-    cannot be shared, the batch is read here."""
+    cannot be shared, the batch is read here. With ``users`` (its plan's), the chunks other
+    batches read too are decoded once for all of them (:data:`STORES`)."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     buffer = _new_buffer(shape, dtype)
     try:
-        return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
+        return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users)
     finally:
         if buffer is not None:
             buffer.close()  # its mapping holds the memory
@@ -255,24 +349,25 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 @contextlib.contextmanager
 def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
                    bands: Sequence[int], read_size: int, key: Hashable = None, *,
-                   dtype: np.dtype) -> Iterator[BatchInputs]:
+                   dtype: np.dtype, users: ChunkUsers | None = None) -> Iterator[BatchInputs]:
     """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
     batch is valid inside it only."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     with BUFFERS.lend(shape, dtype) as buffer:
-        yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype)
+        yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users)
 
 
 def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
                  tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable,
-                 dtype: np.dtype) -> BatchInputs:
+                 dtype: np.dtype, users: ChunkUsers | None) -> BatchInputs:
     """The batch read by a reader into ``buffer``, or here where there is none (or the readers
     could not open an earlier one)."""
     if buffer is None or _UNSHARED:
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
     try:
-        masks, decoded = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles),
-                                     tuple(bands), read_size, key).result()
+        with STORES.lend(key, users) as store:
+            masks, decoded = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles),
+                                         tuple(bands), read_size, key, store).result()
     except BrokenProcessPool:
         children.drop(pool)
         raise
@@ -330,13 +425,15 @@ def _cannot_share(reason: str) -> None:
 
 
 def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
-               bands: tuple[int, ...], read_size: int,
-               key: Hashable) -> tuple[tuple[np.ndarray | None, ...], int]:
+               bands: tuple[int, ...], read_size: int, key: Hashable,
+               store: str | None = None) -> tuple[tuple[np.ndarray | None, ...], int]:
     """A reader process's task: the batch into the first tiles of the shared file ``target``
     (a :class:`SharedBatch` of ``shape``); each core's mask returned, None where every pixel
-    is valid, and how many chunks it decoded (a reader runs one task at a time). Nothing is
-    kept for the next batch: among many readers, a reader's next batch is seldom beside this
-    one, and sixteen readers each keeping a batch's chunks held a gigabyte."""
+    is valid, and how many chunks it decoded (a reader runs one task at a time). The reader
+    keeps nothing for its next batch: among many readers, a reader's next batch is seldom
+    beside this one, and sixteen readers each keeping a batch's chunks held a gigabyte. The
+    chunks other batches read too go through the worker's ``store`` (a path, or None), which
+    holds each until the last of its batches has read it (:mod:`pipeline.halos`)."""
     try:
         fd = os.open(target, os.O_RDWR)
     except OSError as exc:
@@ -347,7 +444,10 @@ def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, 
         os.close(fd)
     x, valid = _views(memory, shape, dtype)
     n, decoded = len(tiles), CHUNKS.misses
-    masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False).masks
+    with SharedChunks.open(store, str(key)) as shared:
+        masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False,
+                           shared=shared).masks
+        decoded = CHUNKS.misses - decoded - (shared.copied if shared is not None else 0)
     del x, valid
     memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
-    return tuple(None if m.all() else m for m in masks), CHUNKS.misses - decoded
+    return tuple(None if m.all() else m for m in masks), decoded

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import interrupts, outputs, reading
+from pipeline.chunks import ChunkGrid, chunk_users
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError
 from pipeline.infer import backend_of, resolve_batch
@@ -212,10 +213,12 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     cache = str(wf.runtime.compilation_cache) if wf.runtime.compilation_cache else None
     read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
     dtype = wire_dtype([info.dtypes[b - 1] for b in wf.bands]).name
+    groups = tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)
+    users = chunk_users(ChunkGrid.of(info.width, info.height, *info.block_shape), groups)
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, dtype, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
-                     wf.runtime.precision, read_key, wf.runtime.readers)
-            for group in tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)]
+                     wf.runtime.precision, read_key, wf.runtime.readers, users)
+            for group in groups]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from distributed import get_worker
 from rasterio.windows import Window
 
+from pipeline.chunks import ChunkUsers
 from pipeline.infer import (
     configure_jax,
     device_description,
@@ -59,6 +60,9 @@ class BatchJob:
     """Names this planned input's chunks in the worker's chunk cache (None: keep none)."""
     readers: int | str = 0
     """Reader processes of the worker (``auto``: :func:`pipeline.infer.resolve_readers`)."""
+    chunk_users: ChunkUsers | None = None
+    """How many of its input's batches read each chunk (:func:`pipeline.chunks.chunk_users`):
+    where readers share the chunks read more than once (:mod:`pipeline.halos`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +95,7 @@ def read_batch(job: BatchJob) -> BatchInputs:
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     if pool is None:
         return read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
-    return read_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype))
+    return read_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users)
 
 
 @contextlib.contextmanager
@@ -102,7 +106,7 @@ def lent_batch(job: BatchJob) -> Iterator[BatchInputs]:
     if pool is None:
         yield read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
         return
-    with lend_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype)) as inputs:
+    with lend_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users) as inputs:
         yield inputs
 
 

@@ -152,6 +152,9 @@ def source_span(indices: np.ndarray) -> tuple[int, int]:
 def source_window(read: Window, width: int, height: int) -> Window:
     """The smallest window of a ``width`` x ``height`` raster holding every pixel that
     ``read`` reflects onto: what is read from the raster for it."""
+    if read.row_off >= 0 and read.col_off >= 0 and read.row_off + read.height <= height \
+            and read.col_off + read.width <= width:
+        return read  # inside: nothing is reflected
     r0, r1 = source_span(reflect_indices(read.row_off, read.row_off + read.height, height))
     c0, c1 = source_span(reflect_indices(read.col_off, read.col_off + read.width, width))
     return Window(c0, r0, c1 - c0, r1 - r0)

@@ -181,9 +181,15 @@ def test_a_lent_buffer_serves_one_batch_at_a_time():
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch, precision):
-    elsewhere, dtypes = [], set()
-    monkeypatch.setattr(tasks, "lend_elsewhere",
-                        lambda *a, **k: elsewhere.append(a[1]) or dtypes.add(k["dtype"]) or reading.lend_elsewhere(*a, **k))
+    elsewhere, dtypes, users = [], set(), {}
+
+    def lend(*a, **k):
+        elsewhere.append(a[1])
+        dtypes.add(k["dtype"])
+        users[a[1]] = k["users"]
+        return reading.lend_elsewhere(*a, **k)
+
+    monkeypatch.setattr(tasks, "lend_elsewhere", lend)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
@@ -201,6 +207,10 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
     assert dtypes == {np.dtype("uint16")}  # batches travel as read, whatever the model computes in
+    for path, planned in users.items():  # each batch carries its input's plan of chunks, for the readers to share
+        with rasterio.open(path) as src:
+            grid = ChunkReader.of(src, [1, 2, 3, 4]).grid
+        assert planned.shape == grid.shape and planned.array().min() >= 1
     assert not leftovers() and len(reading.BUFFERS) == 0  # a run's buffers end with it
 
 
