@@ -6,9 +6,10 @@ between two batches are read by both (by four at a corner). Reader processes kee
 one batch to the next (:func:`pipeline.reading._read_into`), so each of those was decoded once
 per batch: 1.27 times per chunk of a 4096^2 scene with 256-pixel blocks in batches of 8 x 8
 tiles of 256, 1.41 times at 8192^2, 1.56 times with 512-pixel blocks. With a :class:`ChunkStore`
-(an anonymous file of the worker's, which its readers open through ``/proc``) the first reader
-to need such a chunk decodes it into the store, the others copy it from there, and the last of
-the batches that read it frees its memory.
+(an anonymous file of the worker's, which its readers open through ``/proc``; one per planned
+input, from its first batch until the input is forgotten: :class:`ChunkStores`) the first
+reader to need such a chunk decodes it into the store, the others copy it from there, and the
+last of the batches that read it frees its memory.
 
 The file starts with a record per chunk: how many batches of the plan read it
 (:func:`pipeline.chunks.chunk_users`), how many have yet to, and whether it is stored. The
@@ -22,6 +23,7 @@ batch decodes its chunks as before, so memory does not grow with the scene.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -29,13 +31,17 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
 
 from pipeline.chunks import Chunk, ChunkUsers
+
+LOG = logging.getLogger(__name__)
 
 BUDGET = 48 * 2**20
 """Most bytes of chunks a store holds at once: the edges between the batches of a band of
@@ -117,6 +123,95 @@ class ChunkStore:
     def close(self) -> None:
         """Close it here; its memory goes when no reader has it open."""
         os.close(self.fd)
+
+
+@dataclasses.dataclass
+class _Open:
+    """A store a worker holds: how many of its input's batches are being read, and whether
+    the input is forgotten (the store closes once both say so)."""
+
+    store: ChunkStore
+    reading: int = 0
+    forgotten: bool = False
+
+
+class ChunkStores:
+    """A worker's :class:`ChunkStore` for each planned input its readers read: made by the
+    input's first batch, kept while any batch of it is read and until the input is forgotten;
+    one forgotten is not made again (a batch of it may still be running)."""
+
+    FORGOTTEN = 4096
+    """Inputs remembered as forgotten."""
+
+    def __init__(self) -> None:
+        self._open: dict[Hashable, _Open] = {}
+        self._forgotten: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.unavailable: str | None = None
+        """Why this process has no stores, once it could not make one."""
+
+    @contextlib.contextmanager
+    def lend(self, key: Hashable, users: ChunkUsers | None) -> Iterator[str | None]:
+        """The path of ``key``'s store for the with-block; None where there is none to share
+        (no key or plan, no chunk read twice, or no store can be had here)."""
+        held = self._acquire(key, users)
+        try:
+            yield None if held is None else held.store.path
+        finally:
+            if held is not None:
+                with self._lock:
+                    held.reading -= 1
+                    self._close_if_done(key, held)
+
+    def forget(self, key: Hashable) -> None:
+        """``key``'s input will not be read again: its store closes once no batch of it is read."""
+        with self._lock:
+            self._forgotten[key] = None
+            while len(self._forgotten) > self.FORGOTTEN:
+                self._forgotten.popitem(last=False)
+            held = self._open.get(key)
+            if held is not None:
+                held.forgotten = True
+                self._close_if_done(key, held)
+
+    def clear(self) -> None:
+        """Forget every input (the end of a run)."""
+        with self._lock:
+            keys = list(self._open)
+        for key in keys:
+            self.forget(key)
+
+    def stored(self, key: Hashable) -> int | None:
+        """Bytes of chunks ``key``'s store holds now (None: it has none open)."""
+        with self._lock:
+            held = self._open.get(key)
+            return None if held is None else held.store.stored_bytes()
+
+    def __len__(self) -> int:
+        """Stores open now."""
+        return len(self._open)
+
+    def _acquire(self, key: Hashable, users: ChunkUsers | None) -> _Open | None:
+        if not isinstance(key, str) or users is None or self.unavailable is not None:
+            return None
+        with self._lock:
+            held = self._open.get(key)
+            if held is None:
+                if key in self._forgotten or not users.shared:
+                    return None
+                try:
+                    held = self._open[key] = _Open(ChunkStore.create(key, users))
+                except OSError as exc:
+                    self.unavailable = str(exc)
+                    LOG.warning("no store of shared chunks here (%s): each batch decodes its own", exc)
+                    return None
+            held.reading += 1
+            return held
+
+    def _close_if_done(self, key: Hashable, held: _Open) -> None:
+        if held.forgotten and held.reading == 0:
+            del self._open[key]
+            held.store.close()
 
 
 def _stored(fd: int) -> int:

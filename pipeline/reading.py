@@ -17,7 +17,6 @@ halos) are decoded once for all the worker's readers, through a store per input
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -38,7 +37,7 @@ from rasterio.windows import Window
 
 from pipeline import children
 from pipeline.chunks import ChunkCache, ChunkReader, ChunkUsers
-from pipeline.halos import ChunkStore, SharedChunks
+from pipeline.halos import ChunkStores, SharedChunks
 from pipeline.io import pack_valid, packed_shape, read_tile, wire_dtype
 from pipeline.stitch import core_mask
 from pipeline.windows import Tile, source_window
@@ -235,87 +234,8 @@ BUFFERS = BatchBuffers()
 """This process's buffers for batches read in its reader processes."""
 
 
-class ChunkStores:
-    """The :class:`~pipeline.halos.ChunkStore` of each planned input whose batches this
-    process's readers read: made by its first batch, kept while any batch of it is read and
-    until the input is forgotten (:func:`forget_chunks`); one forgotten is not made again."""
-
-    FORGOTTEN = 4096
-    """Inputs remembered as forgotten (a batch of one may still be running when it is)."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, list] = {}  # key -> [store, batches reading it, forgotten]
-        self._forgotten: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def lend(self, key: Hashable, users: ChunkUsers | None) -> Iterator[str | None]:
-        """The path of ``key``'s store for the with-block; None where there is none to share
-        (no key or plan, no chunk read twice, or no store can be had here)."""
-        entry = self._acquire(key, users)
-        try:
-            yield None if entry is None else entry[0].path
-        finally:
-            if entry is not None:
-                with self._lock:
-                    entry[1] -= 1
-                    self._close_if_done(key, entry)
-
-    def forget(self, key: Hashable) -> None:
-        with self._lock:
-            self._forgotten[key] = None
-            while len(self._forgotten) > self.FORGOTTEN:
-                self._forgotten.popitem(last=False)
-            entry = self._open.get(key)
-            if entry is not None:
-                entry[2] = True
-                self._close_if_done(key, entry)
-
-    def stored(self, key: Hashable) -> int | None:
-        """Bytes of chunks ``key``'s store holds now (None: it has none open)."""
-        with self._lock:
-            entry = self._open.get(key)
-            return None if entry is None else entry[0].stored_bytes()
-
-    def clear(self) -> None:
-        """Forget every input (the end of a run)."""
-        with self._lock:
-            keys = list(self._open)
-        for key in keys:
-            self.forget(key)
-
-    def __len__(self) -> int:
-        """Stores open now."""
-        return len(self._open)
-
-    def _acquire(self, key: Hashable, users: ChunkUsers | None) -> list | None:
-        if not isinstance(key, str) or users is None or _UNSTORED:
-            return None
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
-                if key in self._forgotten or not users.shared:
-                    return None
-                try:
-                    entry = self._open[key] = [ChunkStore.create(key, users), 0, False]
-                except OSError as exc:
-                    _UNSTORED.append(str(exc))
-                    LOG.warning("no store of shared chunks here (%s): each batch decodes its own", exc)
-                    return None
-            entry[1] += 1
-            return entry
-
-    def _close_if_done(self, key: Hashable, entry: list) -> None:
-        if entry[2] and entry[1] == 0:
-            del self._open[key]
-            entry[0].close()
-
-
 STORES = ChunkStores()
 """This process's stores of the chunks its readers share (:mod:`pipeline.halos`)."""
-
-_UNSTORED: list[str] = []
-"""Why this process has no stores, once it could not make one."""
 
 
 async def drop_buffers() -> None:

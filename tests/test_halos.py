@@ -4,6 +4,8 @@ back exactly, never more stored than the budget, and nothing left once every bat
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio import windows
 
-from pipeline import reading
+from pipeline import halos, reading
 from pipeline.chunks import ChunkCache, ChunkGrid, ChunkReader, chunk_users
 from pipeline.halos import ChunkStore, SharedChunks
 from pipeline.windows import source_window, tile_batches, tile_spec
@@ -120,6 +122,27 @@ def test_without_a_plan_readers_decode_halos_again(raster):
             pass
     assert reading.chunks_decoded() - before == users.array().sum()
     assert reading.STORES.stored(key) is None
+
+
+def test_where_no_store_can_be_made_readers_decode_their_own_and_say_so_once(raster, monkeypatch, caplog):
+    def no_holes(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(halos, "_punch", no_holes)  # its memory could not be given back
+    monkeypatch.setattr(reading, "STORES", halos.ChunkStores())
+    grid, batches, users = plan(raster)
+    pool = reading.reader_pool(READERS)
+    key = uuid.uuid4().hex
+    before = reading.chunks_decoded()
+    with caplog.at_level(logging.WARNING, logger="pipeline.halos"):
+        for tiles in batches:
+            with reading.lend_elsewhere(pool, raster, tiles, BANDS, SPEC.read_size, key, dtype=np.dtype("uint16"),
+                                        users=users) as batch:
+                np.testing.assert_array_equal(batch.x, reading.read_tiles(raster, tiles, BANDS, SPEC.read_size).x)
+    assert reading.chunks_decoded() - before == users.array().sum()
+    said = [r.getMessage() for r in caplog.records if "no store of shared chunks" in r.getMessage()]
+    assert len(said) == 1 and "not supported" in said[0]
+    assert not open_stores()
 
 
 def read_alone(path, batches, shared, sizes=None):
