@@ -284,6 +284,8 @@ class SharedChunks:
                 try:
                     self._write(c, slot_bytes, chunk)
                 except OSError:  # not stored after all: the others decode their own
+                    with contextlib.suppress(OSError):
+                        _punch(self.fd, self._data + c * slot_bytes, slot_bytes)  # what was written of it
                     self._add_stored(-slot_bytes)
                     self._set(c, left - 1, 0)
                     return chunk
