@@ -64,10 +64,14 @@ class ChunkGrid:
 
     def covering(self, window: Window) -> list[tuple[int, int]]:
         """Indices ``(i, j)`` of the chunks a window inside the raster touches, row by row."""
+        rows, cols = self.span(window)
+        return [(i, j) for i in range(rows.start, rows.stop) for j in range(cols.start, cols.stop)]
+
+    def span(self, window: Window) -> tuple[slice, slice]:
+        """The rows and columns of chunks a window inside the raster touches."""
         r0, c0 = int(window.row_off), int(window.col_off)
         r1, c1 = r0 + int(window.height), c0 + int(window.width)
-        return [(i, j) for i in range(r0 // self.rows, (r1 - 1) // self.rows + 1)
-                for j in range(c0 // self.cols, (c1 - 1) // self.cols + 1)]
+        return slice(r0 // self.rows, (r1 - 1) // self.rows + 1), slice(c0 // self.cols, (c1 - 1) // self.cols + 1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -133,9 +137,7 @@ def chunk_users(grid: ChunkGrid, batches: Iterable[Sequence[Tile]]) -> ChunkUser
     for tiles in batches:
         touched = np.zeros(grid.shape, bool)
         for tile in tiles:
-            s = source_window(tile.read, grid.width, grid.height)
-            touched[s.row_off // grid.rows : (s.row_off + s.height - 1) // grid.rows + 1,
-                    s.col_off // grid.cols : (s.col_off + s.width - 1) // grid.cols + 1] = True
+            touched[grid.span(source_window(tile.read, grid.width, grid.height))] = True
         counts += touched
     return ChunkUsers(grid.shape, counts.tobytes())
 

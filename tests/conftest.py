@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +39,18 @@ def write_raster(path: Path, data: np.ndarray, *, crs: str | None = "utm", nodat
         if mask is not None:
             dst.write_mask(mask.astype(np.uint8) * 255)
     return path
+
+
+def open_memfds(name: str) -> list[int]:
+    """This process's open descriptors of anonymous files named ``name`` (``memfd_create``)."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if f"/memfd:{name}" in os.readlink(f"/proc/self/fd/{fd}"):
+                fds.append(int(fd))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return sorted(fds)
 
 
 def scene(height: int, width: int, bands: int = 4, dtype: str = "uint16", seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import rasterio
-from conftest import scene, write_raster
+from conftest import open_memfds, scene, write_raster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio import windows
@@ -29,18 +29,6 @@ from pipeline.windows import source_window, tile_batches, tile_spec
 READERS = 2
 BANDS = [1, 2, 3, 4]
 SPEC = tile_spec(64, 16, 4)  # on 600 x 700 px: 3 x 3 chunks of 256, 11 x 10 tiles, batches of 4
-
-
-def open_stores():
-    """This process's open descriptors of stores of chunks."""
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "tilepipe-chunks" in os.readlink(f"/proc/self/fd/{fd}"):
-                fds.append(int(fd))
-        except OSError:
-            pass
-    return fds
 
 
 def plan(path, batch=4):
@@ -106,7 +94,7 @@ def test_readers_decode_each_chunk_once_and_read_what_the_worker_would(tmp_path,
             np.testing.assert_array_equal(a, b)
     assert reading.STORES.stored(key) == 0  # the last batch to read each chunk freed it
     asyncio.run(reading.forget_chunks(key))
-    assert reading.STORES.stored(key) is None and not open_stores()
+    assert reading.STORES.stored(key) is None and not open_memfds("tilepipe-chunks")
     with reading.lend_elsewhere(pool, path, batches[0], BANDS, SPEC.read_size, key, dtype=np.dtype(dtype),
                                 users=users):
         assert reading.STORES.stored(key) is None  # a late batch of a forgotten input makes no new store
@@ -142,7 +130,7 @@ def test_where_no_store_can_be_made_readers_decode_their_own_and_say_so_once(ras
     assert reading.chunks_decoded() - before == users.array().sum()
     said = [r.getMessage() for r in caplog.records if "no store of shared chunks" in r.getMessage()]
     assert len(said) == 1 and "not supported" in said[0]
-    assert not open_stores()
+    assert not open_memfds("tilepipe-chunks")
 
 
 def read_alone(path, batches, shared, sizes=None):

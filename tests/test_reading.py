@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import rasterio
-from conftest import scene, write_raster
+from conftest import open_memfds, scene, write_raster
 from test_run import run
 
 from pipeline import reading, tasks
@@ -30,14 +30,7 @@ READERS = 2  # one pool for the whole module: each new size spawns its processes
 def leftovers():
     """The shared batch files this process has open: kept in ``reading.BUFFERS``, or by the
     mapping of a batch still in use."""
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "tilepipe-batch" in os.readlink(f"/proc/self/fd/{fd}"):
-                fds.append(int(fd))
-        except OSError:  # the listing's own descriptor, closed by now
-            pass
-    return sorted(fds)
+    return open_memfds("tilepipe-batch")
 
 
 @pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
