@@ -409,6 +409,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.reading import chunks_decoded, start_readers
     from pipeline.runner import resolve_tiling, run_workflow
     from pipeline.sink import resolve_finishers, start_finishers
+    from pipeline.thread_cpu import ThreadCpu
     from unet_flax.checkpoint import file_sha256, read_card
 
     wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
@@ -429,7 +430,8 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     warm = time.perf_counter() - t0
     nearby = _model_batches(predictor, wf, card, spec) if model else None
     cpu0, decoded, t0 = _cpu_seconds(roles), chunks_decoded(), time.perf_counter()
-    report = run_workflow(wf, progress=False, echo=lambda line: None)
+    with ThreadCpu() as threads:
+        report = run_workflow(wf, progress=False, echo=lambda line: None)
     seconds, cpu1, decoded = time.perf_counter() - t0, _cpu_seconds(roles), chunks_decoded() - decoded
     failed = [f.error for f in report.files if f.status != "ok"]
     if failed:
@@ -439,7 +441,8 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "checksum_wait_s": report.checksum_wait_s,
-              "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}, "chunks_decoded": decoded}
+              "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}, "chunks_decoded": decoded,
+              "threads": threads.result.as_dict()}
     if nearby is not None:
         result["model_only_before_s"], result["model_only_after_s"] = nearby(), nearby()
         result["batch_pixels"] = predictor.batch * spec.tile**2
@@ -653,6 +656,10 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                                     # what the host spends per megapixel written: on an accelerator,
                                     # where every core is busy, this sets the host's ceiling
                                     cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=_per_mpx(host),
+                                    # the run's process thread by thread: a thread busy all the
+                                    # time caps the run however many cores are idle
+                                    threads=_threads(e2e), host_threads=_threads(host),
+                                    busy_share=_busy_shares(e2e), host_busy_share=_busy_shares(host),
                                     cores=usable_cores())
         # every core busy with nothing but this host work: a bound no arrangement of processes passes
         report["end_to_end"]["host_cpu_bound_mpx_per_s"] = (
@@ -808,6 +815,21 @@ def _per_mpx(run: dict[str, Any]) -> dict[str, float]:
     return {who: 1000 * seconds / (run["pixels"] / 1e6) for who, seconds in run["cpu_s"].items()}
 
 
+def _threads(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's process's CPU per megapixel written by thread role (:mod:`pipeline.thread_cpu`),
+    and its busiest thread with the share of the run it was busy."""
+    t, mpx = run["threads"], run["pixels"] / 1e6
+    return {"ms_per_mpx": {role: 1000 * s / mpx for role, s in sorted(t["roles"].items(), key=lambda r: -r[1])},
+            "threads": t["threads"], "busiest": t["busiest"], "busiest_share": t["busiest_s"] / t["seconds"]}
+
+
+def _busy_shares(run: dict[str, Any]) -> dict[str, float]:
+    """How busy the run kept each kind of process, on average: its CPU seconds over its
+    processes times the run's seconds (1 for each core it could use all the time)."""
+    counts = {"readers": run.get("readers") or 0, "finishers": run.get("finishers") or 0}
+    return {who: run["cpu_s"][who] / (n * run["seconds"]) for who, n in counts.items() if n}
+
+
 def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
     """End to end against model-only batches timed in the same process just before and after
     the run: a ratio that the machine's slower and faster minutes move less."""
@@ -868,6 +890,18 @@ def _cpu_roles(e2e: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _thread_roles(threads: dict[str, Any]) -> str:
+    """A run's process thread by thread: each role's CPU per Mpx, then the busiest thread."""
+    roles = ", ".join(f"{role} {ms:.1f}" + (f" ({threads['threads'][role]} threads)"
+                                            if threads["threads"].get(role, 0) > 1 else "")
+                      for role, ms in threads["ms_per_mpx"].items() if ms >= 0.05)
+    return f"{roles} ms; busiest {threads['busiest']}, {100 * threads['busiest_share']:.0f}% of the run"
+
+
+def _shares(shares: dict[str, float]) -> str:
+    return ", ".join(f"{who} {100 * share:.0f}%" for who, share in shares.items()) or "(none)"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
@@ -910,6 +944,10 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it); CPU per Mpx "
                          f"written {_cpu_roles(e)}; its {e['cores']} cores all busy with it: "
                          f"{e['host_cpu_bound_mpx_per_s']:.1f} Mpx/s"),
+        ("threads", f"the run's process by thread, CPU per Mpx written: {_thread_roles(e['threads'])}; in the "
+                    f"host ceiling's run: {_thread_roles(e['host_threads'])}; each reader and finisher busy on "
+                    f"average {_shares(e['busy_share'])} of the run ({_shares(e['host_busy_share'])} of the host "
+                    f"ceiling's): a thread near 100%, or processes near it, cap the run"),
         ("publishing", f"batches held back for it {e['publish_wait_s']:.2f} s of the run, "
                        f"{e['host_publish_wait_s']:.2f} s of the host ceiling's; after the last batch "
                        f"{e['publish_tail_s']:.2f} and {e['host_publish_tail_s']:.2f} s"

@@ -65,6 +65,14 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert e2e["cores"] == cores
     assert e2e["host_cpu_bound_mpx_per_s"] == pytest.approx(1000 * cores / sum(e2e["host_cpu_ms_per_mpx"].values()))
     assert "CPU per Mpx written" in table and "ms in 2 readers" in table and "ms in 1 finisher;" in table
+    for threads, run in ((e2e["threads"], e2e["cpu_ms_per_mpx"]), (e2e["host_threads"], e2e["host_cpu_ms_per_mpx"])):
+        ms = threads["ms_per_mpx"]  # the run's process by thread role, no more than the process
+        assert ms["driver"] > 0 and ms["tasks"] > 0 and threads["threads"]["driver"] == 1
+        assert sum(ms.values()) <= run["process"] * 1.05 and list(ms.values()) == sorted(ms.values(), reverse=True)
+        assert 0 < threads["busiest_share"] <= 1.05 and threads["busiest"].endswith(")")
+    for shares in (e2e["busy_share"], e2e["host_busy_share"]):  # each reader's and finisher's share of the run
+        assert set(shares) == {"readers", "finishers"} and all(0 < v <= 1.05 for v in shares.values())
+    assert "the run's process by thread" in table and f"busiest {e2e['threads']['busiest']}" in table
     assert mem["small"]["size"] < mem["large"]["size"] and mem["large_over_small"] > 0
     assert mem["large_over_small_pss"] > 0 and "counted once (PSS)" in table
     assert comp["cold_s"] > 0 and comp["warm_s"] > 0 and comp["cache_files"] > 0
