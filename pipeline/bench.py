@@ -77,6 +77,7 @@ class BenchOptions:
     compress: str = "deflate"  # and their compression (SCENE_COMPRESSIONS)
     readers: int | str = "auto"  # runtime.readers of the end-to-end runs
     finishers: int | str = "auto"  # runtime.finishers of the end-to-end runs
+    output_compression: str = "deflate"  # output.compression of the end-to-end runs (at level auto)
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
@@ -329,16 +330,18 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
                    cache: Path, precision: str, threads: int | None = None,
-                   readers: int | str = "auto", finishers: int | str = "auto") -> dict[str, Any]:
+                   readers: int | str = "auto", finishers: int | str = "auto",
+                   compression: str = "deflate") -> dict[str, Any]:
     """The workflow an end-to-end measurement runs, as plain data (``threads``: dask threads;
     the runner keeps twice as many batches in flight; ``readers`` and ``finishers``: the
-    ``runtime`` settings)."""
+    ``runtime`` settings; ``compression``: its COGs')."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
     bands = read_card(checkpoint).unet.in_bands
     return {"name": "bench", "input": {"dir": str(scene_dir)},
-            "output": {"dir": str(out_dir), "run_products": False}, "model": {"checkpoint": str(checkpoint)},
+            "output": {"dir": str(out_dir), "run_products": False, "compression": compression},
+            "model": {"checkpoint": str(checkpoint)},
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
             "runtime": {"compilation_cache": str(cache), "precision": resolve_precision(precision),
@@ -408,7 +411,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.infer import configure_jax, get_predictor, resolve_readers
     from pipeline.reading import chunks_decoded, start_readers
     from pipeline.runner import resolve_tiling, run_workflow
-    from pipeline.sink import resolve_finishers, start_finishers
+    from pipeline.sink import resolve_compression, resolve_finishers, start_finishers
     from pipeline.thread_cpu import ThreadCpu
     from unet_flax.checkpoint import file_sha256, read_card
 
@@ -441,6 +444,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "checksum_wait_s": report.checksum_wait_s,
+              "compression": dataclasses.asdict(resolve_compression(wf.output, jax.default_backend())),
               "cpu_s": {who: cpu1[who] - cpu0[who] for who in cpu1}, "chunks_decoded": decoded,
               "threads": threads.result.as_dict()}
     if nearby is not None:
@@ -623,6 +627,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
                                 "bands": cfg.in_bands, "threads": opts.threads,
                                 "readers": e2e["readers"], "finishers": e2e["finishers"], "seconds": e2e["seconds"],
+                                "compression": e2e["compression"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
                                 # a whole run is many batches, some slower: against the median batch too
@@ -802,7 +807,7 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
              precision: str, opts: BenchOptions, model: bool = True) -> dict[str, Any]:
     wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
-                        opts.threads, opts.readers, opts.finishers)
+                        opts.threads, opts.readers, opts.finishers, opts.output_compression)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
     result, (rss, pss), wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
@@ -902,6 +907,13 @@ def _shares(shares: dict[str, float]) -> str:
     return ", ".join(f"{who} {100 * share:.0f}%" for who, share in shares.items()) or "(none)"
 
 
+def _publishing(e2e: dict[str, Any]) -> str:
+    """Where and how the end-to-end runs published: finishers, and the COGs' codec and level."""
+    codec = e2e["compression"]["codec"] + (f" {e2e['compression']['level']}" if e2e["compression"]["level"] else "")
+    finishers = e2e.get("finishers") or 0
+    return (f"{finishers} finisher{'s' if finishers > 1 else ''}, " if finishers else "") + codec
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
@@ -951,8 +963,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("publishing", f"batches held back for it {e['publish_wait_s']:.2f} s of the run, "
                        f"{e['host_publish_wait_s']:.2f} s of the host ceiling's; after the last batch "
                        f"{e['publish_tail_s']:.2f} and {e['host_publish_tail_s']:.2f} s"
-                       + (f" ({e['finishers']} finisher{'s' if e['finishers'] > 1 else ''})"
-                          if e.get("finishers") else "")
+                       + f" ({_publishing(e)})"
                        + f"; finished files waited for their checksums {e['checksum_wait_s']:.2f} and "
                          f"{e['host_checksum_wait_s']:.2f} s"),
         ("memory", f"peak RSS {mem['small']['size']}^2 {mem['small']['peak_rss_mb']:.0f} MB, "
@@ -1056,6 +1067,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--finishers", type=count_or_auto, default="auto",
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
                         "on CPU, a third of the cores and at least 2 on GPU/TPU)")
+    p.add_argument("--output-compression", choices=("deflate", "zstd", "lzw"), default="deflate",
+                   help="the end-to-end runs' COGs (output.compression, at level auto; default deflate)")
     p.add_argument("--compile-rounds", type=positive,
                    help="cold and warm compile pairs, each over a cache of its own; the median counts "
                         "(default 3, 2 with --quick; 1 where each process start is dear, as on an accelerator)")
@@ -1072,7 +1085,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
                   block=args.block, compress=args.compress,
-                  readers=args.readers, finishers=args.finishers, torch=args.torch, workdir=args.workdir)
+                  readers=args.readers, finishers=args.finishers, output_compression=args.output_compression,
+                  torch=args.torch, workdir=args.workdir)
     if args.compile_rounds is not None:
         common["compile_rounds"] = args.compile_rounds
     if args.quick:

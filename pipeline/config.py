@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 
 from pipeline.errors import WorkflowError
 from pipeline.io import GdalPath, is_gdal_path
+from pipeline.outputs import Compression
 
 
 class Section(BaseModel):
@@ -59,11 +60,36 @@ class OutputSection(Section):
     polygons: bool = False
     """Also write ``<stem>.gpkg``: the classes as simplified polygons."""
     simplify: float = Field(0.0, ge=0, description="polygon simplification tolerance, in CRS units")
-    deflate_level: Annotated[int, Field(ge=1, le=12)] | Literal["auto"] = Field(
-        "auto", description="DEFLATE level of every COG written, 1-12, or auto (the default): 6 (GDAL's default) "
-        "when the workers run on CPU, 5 on GPU/TPU, where the host's CPU is the cost")
+    compression: Literal["deflate", "zstd", "lzw"] = Field(
+        "deflate", description="codec of every COG written: deflate (the default, which every GeoTIFF reader "
+        "opens), zstd (GDAL 2.3 or later: as small for a fraction of the CPU at low levels) or lzw")
+    level: int | Literal["auto"] = Field(
+        "auto", description="the codec's level (deflate 1-12, zstd 1-22; lzw has none), or auto (the default): "
+        "GDAL's own (deflate 6, zstd 9) when the workers run on CPU, a cheaper one on GPU/TPU, where the host's "
+        "CPU is the cost (deflate 5, zstd 1)")
     run_products: bool = True
     """Write per-run VRT mosaics, STAC Items and a STAC Collection."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_deflate_level(cls, data: Any) -> Any:
+        """``deflate_level: N``, the former name of ``level`` with DEFLATE, still reads as that."""
+        if not isinstance(data, dict) or "deflate_level" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("deflate_level")
+        if "level" in data or data.get("compression", "deflate") != "deflate":
+            raise ValueError("deflate_level is the former name of level, for compression deflate: give level only")
+        if value != "auto" and not (isinstance(value, int) and 1 <= value <= 12):
+            raise ValueError(f"deflate_level (now level) must be auto or 1-12, got {value!r}")
+        return {**data, "level": value}
+
+    @field_validator("level")
+    @classmethod
+    def _level_of_the_codec(cls, level: int | str, info: ValidationInfo) -> int | str:
+        if level != "auto" and "compression" in info.data:
+            Compression(info.data["compression"], level)  # its message names the codec's levels
+        return level
 
 
 class ModelSection(Section):

@@ -43,8 +43,6 @@ from unet_flax.card import ModelCard
 
 BLOCK = 256
 QUICKLOOK_SIZE = 512
-DEFLATE_LEVEL = 6
-"""GDAL's own default DEFLATE level (``output.deflate_level``)."""
 PROVENANCE_PREFIX = "TILEPIPE_"
 
 # GDAL raster attribute table enums (gdal.h): field types and usages.
@@ -349,8 +347,44 @@ def open_raster(path: Path | str, mode: str = "r", **profile: Any) -> Any:
 # --- Cloud-Optimized GeoTIFFs ------------------------------------------------------------
 
 
-def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool, level: int = DEFLATE_LEVEL) -> None:
-    """GDAL's COG driver: tiled, DEFLATE on every core, the VRT's overviews (or, where it has
+@dataclasses.dataclass(frozen=True)
+class Levels:
+    """The levels a codec takes, and the one GDAL uses when none is given."""
+
+    lowest: int
+    highest: int
+    gdal_default: int
+
+
+CODECS: dict[str, Levels | None] = {"deflate": Levels(1, 12, 6), "zstd": Levels(1, 22, 9), "lzw": None}
+"""The codecs a COG may be written with (``output.compression``); LZW has no levels."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    """How every COG of a run is compressed: a codec of :data:`CODECS` and its level (None:
+    GDAL's default; always None for LZW)."""
+
+    codec: str = "deflate"
+    level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        levels = CODECS[self.codec]
+        if self.level is not None and (levels is None or not levels.lowest <= self.level <= levels.highest):
+            which = "has no levels" if levels is None else f"levels are {levels.lowest}-{levels.highest}"
+            raise ValueError(f"{self.codec} {which}, got {self.level}")
+
+    @property
+    def options(self) -> dict[str, str | int]:
+        """GDAL's creation options for it (``COMPRESS`` and, with a level, ``LEVEL``)."""
+        return {"COMPRESS": self.codec.upper(), **({} if self.level is None else {"LEVEL": self.level})}
+
+
+def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bool,
+               compression: Compression = Compression()) -> None:
+    """GDAL's COG driver: tiled, compressed on every core, the VRT's overviews (or, where it has
     none, overviews computed by ``resampling``); copies PAM items to aux.xml.
 
     The driver computes the overviews into a temporary file first, compressed by default and
@@ -359,7 +393,7 @@ def _write_cog(vrt: ET.Element, partial: Path, *, resampling: str, predictor: bo
     uncompressed size on disk while it exists).
     """
     with rasterio.Env(COG_TMP_COMPRESSION="NONE"), open_raster(vrt_text(vrt)) as src:
-        rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor, level))
+        rasterio.shutil.copy(src, partial, driver="COG", **cog_options(resampling, predictor, compression))
 
 
 @contextmanager
@@ -394,9 +428,9 @@ def _mode_overview(source: rasterio.DatasetReader, path: Path, height: int, widt
             out.write(mode_2x2(pixels, NODATA), window=Window(0, top, width, len(starts)))
 
 
-def cog_options(resampling: str, predictor: bool, level: int = DEFLATE_LEVEL) -> dict[str, str | int]:
-    """Creation options of every COG tilepipe writes (``level``: DEFLATE's, 1-12)."""
-    return {"BLOCKSIZE": BLOCK, "COMPRESS": "DEFLATE", "LEVEL": level, "PREDICTOR": "YES" if predictor else "NO",
+def cog_options(resampling: str, predictor: bool, compression: Compression = Compression()) -> dict[str, str | int]:
+    """Creation options of every COG tilepipe writes."""
+    return {"BLOCKSIZE": BLOCK, **compression.options, "PREDICTOR": "YES" if predictor else "NO",
             "OVERVIEW_RESAMPLING": resampling, "OVERVIEWS": "AUTO", "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}
 
 
@@ -411,7 +445,7 @@ def _dataset_tags(provenance: Mapping[str, str], resampling: str) -> dict[str, s
 
 
 def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                  pixels: np.ndarray | None = None, stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
+                  pixels: np.ndarray | None = None, stage: Stage | None = None, compression: Compression = Compression()) -> Path:
     """Write ``tmp_mask`` (uint8 codes, nodata 255) as a COG at ``dest`` with its sidecars, atomically.
 
     Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png``
@@ -433,29 +467,29 @@ def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[
             vrt_source(band, Path(tmp_mask).resolve(), 1)
             with _mode_overviews(src, files.mask) as levels:
                 vrt_overviews(band, levels, 1)
-                _write_cog(root, cog, resampling="MODE", predictor=False, level=level)
+                _write_cog(root, cog, resampling="MODE", predictor=False, compression=compression)
         style.write_text(qml_style(card), encoding="utf-8")
         _render_quicklook(cog, png, QUICKLOOK_SIZE)
     return files.mask
 
 
 def finalize_confidence(tmp_conf: Path, dest: Path, provenance: dict[str, str], *,
-                        stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
+                        stage: Stage | None = None, compression: Compression = Compression()) -> Path:
     """Write ``tmp_conf`` (max softmax probability, uint8 0-100, nodata 255) as a COG, atomically."""
     return _finalize_continuous(Path(tmp_conf), Path(dest), provenance, [("confidence", {})], "confidence raster",
-                                stage, level)
+                                stage, compression)
 
 
 def finalize_probabilities(tmp: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                           stage: Stage | None = None, level: int = DEFLATE_LEVEL) -> Path:
+                           stage: Stage | None = None, compression: Compression = Compression()) -> Path:
     """Write ``tmp`` (one uint8 0-100 band per class, in card order, nodata 255) as a COG, atomically."""
     bands = [(f"probability of {c.name}", {"CLASS_CODE": str(c.code), "CLASS_NAME": c.name}) for c in card.classes]
-    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster", stage, level)
+    return _finalize_continuous(Path(tmp), Path(dest), provenance, bands, "probability raster", stage, compression)
 
 
 def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
                          bands: Sequence[tuple[str, dict[str, str]]], what: str, stage: Stage | None,
-                         level: int) -> Path:
+                         compression: Compression) -> Path:
     with within(stage) as stage:
         cog = stage.add(dest)
         stage.add(MaskFiles(dest).aux, cog.with_name(cog.name + ".aux.xml"), optional=True)
@@ -465,7 +499,7 @@ def _finalize_continuous(tmp: Path, dest: Path, provenance: Mapping[str, str],
             for index, (description, tags) in enumerate(bands, start=1):
                 band = vrt_band(root, index, description=description, tags=tags, unit="%")
                 vrt_source(band, tmp.resolve(), index)
-        _write_cog(root, cog, resampling="AVERAGE", predictor=True, level=level)
+        _write_cog(root, cog, resampling="AVERAGE", predictor=True, compression=compression)
     return dest
 
 

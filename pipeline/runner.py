@@ -399,7 +399,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
     :data:`~pipeline.sink.FINISHERS` at once, or as many as there are finisher processes if
     more, and twice as many finished files waiting), in a finisher process on accelerators,
     while this loop keeps the workers fed; its outcome is recorded here, on the thread that
-    owns the ledger. How files are published (finishers, DEFLATE level) follows the workers'
+    owns the ledger. How files are published (finishers, compression level) follows the workers'
     device, known from the first result.
     """
     wf, model = ctx.wf, ctx.model

@@ -47,8 +47,8 @@ VERIFY_BYTES = 16 * 2**20
 GDAL's cache may hold until it closes: a 4096^2 class mask in one open rather than 16 (each
 about 1 ms), and no more than this held however large the scene."""
 
-DEFLATE_ON_ACCELERATORS = 5
-"""``output.deflate_level: auto`` where the workers run on GPU/TPU (:func:`resolve_deflate_level`)."""
+LEVELS_ON_ACCELERATORS = {"deflate": 5, "zstd": 1}
+"""``output.level: auto`` of each codec where the workers run on GPU/TPU (:func:`resolve_compression`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Temporaries:
     info: RasterInfo
     dest: Path
     section: OutputSection
-    level: int
-    """The DEFLATE level of its COGs, ``section.deflate_level`` resolved (:func:`resolve_deflate_level`)."""
+    compression: outputs.Compression
+    """How its COGs are compressed, ``section.compression`` and ``level`` resolved (:func:`resolve_compression`)."""
     paths: dict[str, Path]
     bands: dict[str, int]
     pixels: np.ndarray
@@ -79,7 +79,7 @@ class MaskSink:
         if section.probabilities:
             bands["probabilities"] = num_classes
         paths = {name: temporary_name(dest, f"-{name}.tif") for name in bands}
-        self.files = Temporaries(info, dest, section, resolve_deflate_level(section.deflate_level, backend), paths,
+        self.files = Temporaries(info, dest, section, resolve_compression(section, backend), paths,
                                  bands, np.zeros(256, np.int64))
         block = 256 if min(info.width, info.height) >= 256 else 16
         profile = {"driver": "GTiff", "width": info.width, "height": info.height, "dtype": "uint8", "crs": info.crs,
@@ -158,12 +158,12 @@ def publish(done: Temporaries, card: ModelCard, provenance: dict[str, str]) -> P
                   ("probabilities", files.probabilities, outputs.finalize_probabilities, (card,)))
     with rasterio.Env(GTIFF_DIRECT_IO=True), outputs.staged() as stage:
         try:
-            level = done.level
+            compression = done.compression
             outputs.finalize_mask(done.paths["classes"], files.mask, card, provenance, pixels=done.pixels,
-                                  stage=stage, level=level)
+                                  stage=stage, compression=compression)
             for name, dest, finalize, args in continuous:
                 if name in done.paths:
-                    finalize(done.paths[name], dest, *args, provenance, stage=stage, level=level)
+                    finalize(done.paths[name], dest, *args, provenance, stage=stage, compression=compression)
                 else:
                     stage.add(dest, optional=True)
                     stage.add(outputs.MaskFiles(dest).aux, optional=True)
@@ -204,14 +204,18 @@ def resolve_finishers(finishers: int | str, backend: str, cores: int | None = No
     return 0 if backend == "cpu" else max(FINISHERS, (cores or usable_cores()) // 3)
 
 
-def resolve_deflate_level(level: int | str, backend: str) -> int:
-    """The DEFLATE level of a run's COGs: as given; ``auto`` is GDAL's own 6 where the workers
-    run on CPU (publishing hides behind the model) and :data:`DEFLATE_ON_ACCELERATORS` on
-    accelerators: there publishing is the host's cost, and level 5 takes about half of level 6's
-    CPU for a COG's image, in 2-9% more bytes on class maps."""
+def resolve_compression(section: OutputSection, backend: str) -> outputs.Compression:
+    """How a run's COGs are compressed: ``section.compression`` at ``section.level``; ``auto`` is
+    GDAL's own level where the workers run on CPU (publishing hides behind the model) and
+    :data:`LEVELS_ON_ACCELERATORS` on accelerators, where publishing is the host's cost: a whole
+    publication of real-texture class maps (mask and confidence) took 51-58% of DEFLATE 6's CPU
+    at DEFLATE 5, and 27% at ZSTD 1, in 1-4% fewer bytes than DEFLATE 6."""
+    codec, level, levels = section.compression, section.level, outputs.CODECS[section.compression]
     if level != "auto":
-        return int(level)
-    return outputs.DEFLATE_LEVEL if backend == "cpu" else DEFLATE_ON_ACCELERATORS
+        return outputs.Compression(codec, level)
+    if levels is None:  # a codec without levels
+        return outputs.Compression(codec)
+    return outputs.Compression(codec, levels.gdal_default if backend == "cpu" else LEVELS_ON_ACCELERATORS[codec])
 
 
 def finisher_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:

@@ -18,7 +18,7 @@ from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
 def test_quick_bench_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["--quick", "--scenes", "2", "--readers", "2", "--finishers", "1", "--block", "128", "--json", str(out),
-            "--workdir", str(tmp_path / "work")]
+            "--output-compression", "zstd", "--workdir", str(tmp_path / "work")]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
     for key in bench.SCHEMA_KEYS:
@@ -56,7 +56,13 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     for wait, tail in ((e2e["publish_wait_s"], e2e["publish_tail_s"]),
                        (e2e["host_publish_wait_s"], e2e["host_publish_tail_s"])):
         assert wait >= 0 and tail > 0  # the last file is published after the last batch
-    assert "batches held back for it" in table and "s (1 finisher)" in table
+    assert e2e["compression"] == {"codec": "zstd", "level": 9}  # as asked, at level auto: GDAL's own on CPU
+    assert "batches held back for it" in table and "s (1 finisher, zstd 9)" in table
+    published = sorted((tmp_path / "work" / "out-e2e").glob("*.tif"))
+    assert len(published) == 2
+    for mask in published:
+        with rasterio.open(mask) as src:
+            assert src.compression.name == "zstd"
     assert e2e["checksum_wait_s"] >= 0 and e2e["host_checksum_wait_s"] >= 0
     assert "finished files waited for their checksums" in table
     for cpu in (e2e["cpu_ms_per_mpx"], e2e["host_cpu_ms_per_mpx"]):  # the run's process, its readers and finishers
@@ -131,6 +137,7 @@ def test_bench_parser_defaults():
     assert opts.memory_sizes == (2048, 8192)
     assert opts.precision == "auto" and opts.threads is None and opts.scenes == 1 and opts.readers == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--readers", "0"])).readers == 0
+    assert opts.output_compression == "deflate"
     assert opts.finishers == "auto" and bench.options_from_args(parser.parse_args(["bench", "--finishers", "3"])).finishers == 3
     assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"

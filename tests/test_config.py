@@ -90,3 +90,17 @@ def test_gdal_virtual_input_folders_are_kept_verbatim(tmp_path, source):
     wf = load_workflow(write(tmp_path, {**BASE, "input": {"dir": source}}))
     assert wf.input.dir == source and str(wf.input.source) == source
     assert load_workflow(write(tmp_path, BASE)).input.source == tmp_path / "in"
+
+
+def test_outputs_are_deflate_at_an_automatic_level_unless_the_workflow_says(tmp_path):
+    wf = load_workflow(write(tmp_path, BASE))
+    assert (wf.output.compression, wf.output.level) == ("deflate", "auto")
+    wf = load_workflow(write(tmp_path, {**BASE, "output": {"dir": "out", "compression": "zstd", "level": 3}}))
+    assert (wf.output.compression, wf.output.level) == ("zstd", 3)
+
+
+def test_deflate_level_is_the_former_name_of_level(tmp_path):
+    wf = load_workflow(write(tmp_path, {**BASE, "output": {"dir": "out", "deflate_level": 3}}))
+    assert (wf.output.compression, wf.output.level) == ("deflate", 3)
+    with pytest.raises(WorkflowError, match="output: Value error, deflate_level is the former name of level"):
+        load_workflow(write(tmp_path, {**BASE, "output": {"dir": "out", "compression": "zstd", "deflate_level": 3}}))

@@ -86,13 +86,14 @@ def test_finishers_are_a_third_of_an_accelerator_hosts_cores_unless_the_workflow
     assert resolve_finishers(setting, backend, cores) == expected
 
 
-@pytest.mark.parametrize("setting, backend, expected", [
-    ("auto", "cpu", outputs.DEFLATE_LEVEL), ("auto", "gpu", sink.DEFLATE_ON_ACCELERATORS),
-    ("auto", "tpu", sink.DEFLATE_ON_ACCELERATORS), (9, "gpu", 9), (1, "cpu", 1)])
-def test_the_deflate_level_is_gdals_on_cpu_and_cheaper_on_accelerators_unless_the_workflow_says(setting, backend,
-                                                                                                 expected):
-    assert sink.resolve_deflate_level(setting, backend) == expected
-    assert outputs.DEFLATE_LEVEL == 6 and sink.DEFLATE_ON_ACCELERATORS == 5
+@pytest.mark.parametrize("codec, level, backend, expected", [
+    ("deflate", "auto", "cpu", 6), ("deflate", "auto", "gpu", 5), ("deflate", "auto", "tpu", 5),
+    ("zstd", "auto", "cpu", 9), ("zstd", "auto", "gpu", 1), ("deflate", 9, "gpu", 9), ("deflate", 1, "cpu", 1),
+    ("zstd", 12, "gpu", 12), ("lzw", "auto", "cpu", None), ("lzw", "auto", "gpu", None)])
+def test_the_level_is_gdals_on_cpu_and_cheaper_on_accelerators_unless_the_workflow_says(codec, level, backend,
+                                                                                        expected):
+    section = OutputSection(dir="out", compression=codec, level=level)
+    assert sink.resolve_compression(section, backend) == outputs.Compression(codec, expected)
 
 
 @pytest.mark.parametrize("runtime, in_driver", [({}, True), (FINISHERS, False)])
@@ -214,8 +215,8 @@ def test_the_report_says_how_long_publication_held_batches_back_and_how_long_it_
     assert report.to_json()["publish_wait_s"] == report.publish_wait_s
 
 
-def test_a_sink_publishes_at_the_deflate_level_its_workers_device_resolves_to(tmp_path):
-    """``deflate_level: auto`` is resolved when the sink is made, for its workers' backend:
+def test_a_sink_publishes_at_the_level_its_workers_device_resolves_to(tmp_path):
+    """``level: auto`` is resolved when the sink is made, for its workers' backend:
     never handed to GDAL as it is written."""
     write_raster(tmp_path / "a.tif", scene(300, 340))
     info = inspect_raster(tmp_path / "a.tif", [1, 2, 3, 4])
@@ -225,8 +226,8 @@ def test_a_sink_publishes_at_the_deflate_level_its_workers_device_resolves_to(tm
     blocks = {}
     for name, backend, level in (("cpu", "cpu", "auto"), ("gpu", "gpu", "auto"), ("five", "cpu", 5), ("six", "gpu", 6)):
         dest = tmp_path / name / "a.tif"
-        mask = MaskSink(info, dest, OutputSection(dir=dest.parent, deflate_level=level), 4, backend)
-        assert mask.files.level == sink.resolve_deflate_level(level, backend)
+        mask = MaskSink(info, dest, OutputSection(dir=dest.parent, level=level), 4, backend)
+        assert mask.files.compression == sink.resolve_compression(mask.files.section, backend)
         mask.write(BatchResult((BlockResult(Window(0, 0, 340, 300), classes),), 1,
                                np.bincount(classes.ravel(), minlength=256), backend, "here", (0.0, 0.0)))
         mask.finalize(CARD, PROVENANCE)

@@ -15,6 +15,7 @@ from test_overviews import one_level
 
 from pipeline import outputs
 from pipeline.outputs import (
+    Compression,
     MaskFiles,
     category_names,
     finalize_confidence,
@@ -148,27 +149,56 @@ def test_every_raster_output_carries_the_provenance_tags(tmp_path, finished):
             assert PROVENANCE.items() <= src.tags().items(), path
 
 
-@pytest.mark.parametrize("finalize", ["mask", "confidence"])
-def test_a_lower_deflate_level_writes_the_same_pixels_in_more_bytes(tmp_path, finalize):
+def textured(finalize: str) -> np.ndarray:
+    """600 x 600 pixels of a smooth field: a class mask's codes, or a confidence in percent."""
     yy, xx = np.mgrid[0:600, 0:600]
     field = np.sin(xx / 17) + np.cos(yy / 23) + 0.3 * np.sin((xx + yy) / 7)
-    pixels = (np.abs(np.sin(field * 3)) * 100).astype(np.uint8) if finalize == "confidence" else \
-        np.clip((field + 2.3) / 4.6 * len(CARD.classes), 0, len(CARD.classes) - 1).astype(np.uint8)
-    sizes, read = {}, {}
-    for level in (1, 9):
-        tmp = tmp_raster(tmp_path, pixels, name=f"{finalize}{level}.tif")
-        dest = tmp_path / f"out{level}" / "scene.tif"
-        dest.parent.mkdir()
-        if finalize == "mask":
-            written = finalize_mask(tmp, dest, CARD, PROVENANCE, level=level)
-        else:
-            written = finalize_confidence(tmp, dest, PROVENANCE, level=level)
+    if finalize == "confidence":
+        return (np.abs(np.sin(field * 3)) * 100).astype(np.uint8)
+    return np.clip((field + 2.3) / 4.6 * len(CARD.classes), 0, len(CARD.classes) - 1).astype(np.uint8)
+
+
+def finalize_as(tmp_path: Path, finalize: str, pixels: np.ndarray, compression: Compression) -> Path:
+    name = f"{finalize}-{compression.codec}-{compression.level}"
+    tmp, dest = tmp_raster(tmp_path, pixels, name=f"{name}.tif"), tmp_path / name / "scene.tif"
+    dest.parent.mkdir()
+    if finalize == "mask":
+        return finalize_mask(tmp, dest, CARD, PROVENANCE, compression=compression)
+    return finalize_confidence(tmp, dest, PROVENANCE, compression=compression)
+
+
+@pytest.mark.parametrize("finalize", ["mask", "confidence"])
+@pytest.mark.parametrize("codec, low, high", [("deflate", 1, 9), ("zstd", 1, 19)])
+def test_a_lower_level_writes_the_same_pixels_in_more_bytes(tmp_path, finalize, codec, low, high):
+    pixels, sizes = textured(finalize), {}
+    for level in (low, high):
+        written = finalize_as(tmp_path, finalize, pixels, Compression(codec, level))
         sizes[level] = written.stat().st_size
         with rasterio.open(written) as src:
-            read[level] = src.read(1)
-    np.testing.assert_array_equal(read[1], pixels)
-    np.testing.assert_array_equal(read[9], pixels)
-    assert sizes[1] > sizes[9], sizes
+            assert src.compression.name == codec and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            np.testing.assert_array_equal(src.read(1), pixels)
+    assert sizes[low] > sizes[high], sizes
+
+
+@pytest.mark.parametrize("finalize", ["mask", "confidence"])
+@pytest.mark.parametrize("compression", [Compression(), Compression("zstd"), Compression("lzw")])
+def test_every_codec_writes_a_cog_of_the_same_pixels_with_its_overviews(tmp_path, finalize, compression):
+    pixels = textured(finalize)
+    written = finalize_as(tmp_path, finalize, pixels, compression)
+    assert cog_validate(written, quiet=True)[0]
+    with rasterio.open(written) as src:
+        assert src.compression.name == compression.codec and src.overviews(1)[0] == 2
+        np.testing.assert_array_equal(src.read(1), pixels)
+        with rasterio.open(src.name, overview_level=0) as ovr:
+            assert ovr.read(1).shape == (300, 300)
+
+
+@pytest.mark.parametrize("codec, level, message", [
+    ("deflate", 13, "deflate levels are 1-12"), ("zstd", 0, "zstd levels are 1-22"), ("lzw", 1, "lzw has no levels"),
+    ("jpeg", None, "compression must be one of deflate, zstd, lzw")])
+def test_a_codec_takes_only_its_own_levels(codec, level, message):
+    with pytest.raises(ValueError, match=message):
+        Compression(codec, level)
 
 
 def test_qgis_style_lists_every_class_with_its_colour_and_name(finished):

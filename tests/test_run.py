@@ -161,26 +161,32 @@ def test_tile_size_does_not_change_the_result(tmp_path, make_workflow):
     assert (results[32] == results[96]).mean() >= 0.9999
 
 
-def test_the_deflate_level_trades_bytes_for_cpu_and_nothing_else(tmp_path, make_workflow):
+@pytest.mark.parametrize("setting, low, high", [("output.level", 1, 12), ("output.deflate_level", 1, 12),
+                                                ("output.compression=zstd --set output.level", 1, 19)])
+def test_the_level_trades_bytes_for_cpu_and_nothing_else(tmp_path, make_workflow, setting, low, high):
+    """``deflate_level``, ``level``'s former name, still sets DEFLATE's."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_raster(inputs / "big.tif", scene(300, 340, seed=4))
     wf = make_workflow(inputs, output={"dir": str(tmp_path / "out"), "confidence": True})
+    codec = "zstd" if "zstd" in setting else "deflate"
     sizes, pixels = {}, {}
-    for level in (1, 12):
+    for level in (low, high):
         out = tmp_path / f"out{level}"
-        assert run(wf, "--output", str(out), "--set", f"output.deflate_level={level}") == 0
+        assert run(wf, "--output", str(out), *f"--set {setting}={level}".split()) == 0
         sizes[level] = sum((out / name).stat().st_size for name in ("big.tif", "big.confidence.tif"))
         with rasterio.open(out / "big.tif") as mask, rasterio.open(out / "big.confidence.tif") as conf:
+            assert mask.compression.name == conf.compression.name == codec
             pixels[level] = (mask.read(), conf.read())
-    assert sizes[1] > sizes[12], sizes
-    for a, b in zip(pixels[1], pixels[12]):
+    assert sizes[low] > sizes[high], sizes
+    for a, b in zip(pixels[low], pixels[high]):
         np.testing.assert_array_equal(a, b)
-    assert run(wf, "--output", str(tmp_path / "out1"), "--set", "output.deflate_level=12") == 0  # finished work stays
-    assert (tmp_path / "out1" / "big.tif").stat().st_size + (tmp_path / "out1" / "big.confidence.tif").stat().st_size == sizes[1]
+    out = tmp_path / f"out{low}"
+    assert run(wf, "--output", str(out), *f"--set {setting}={high}".split()) == 0  # finished work stays
+    assert (out / "big.tif").stat().st_size + (out / "big.confidence.tif").stat().st_size == sizes[low]
 
 
-def test_the_deflate_level_auto_is_gdals_own_where_the_workers_run_on_cpu(tmp_path, make_workflow):
+def test_the_level_auto_is_gdals_own_where_the_workers_run_on_cpu(tmp_path, make_workflow):
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_raster(inputs / "big.tif", scene(300, 340, seed=4))
@@ -188,7 +194,7 @@ def test_the_deflate_level_auto_is_gdals_own_where_the_workers_run_on_cpu(tmp_pa
     blocks = {}  # the compressed bytes of each block: the tags (run, time) differ from run to run
     for level in ("auto", "6", "5"):
         out = tmp_path / f"out-{level}"
-        assert run(wf, "--output", str(out), "--set", f"output.deflate_level={level}") == 0
+        assert run(wf, "--output", str(out), "--set", f"output.level={level}") == 0
         with rasterio.open(out / "big.tif") as src:
             blocks[level] = [src.block_size(1, i, j) for (i, j), _ in src.block_windows(1)]
     assert blocks["auto"] == blocks["6"] != blocks["5"]
@@ -216,8 +222,14 @@ def test_halo_auto_is_the_models_seamless_halo(tmp_path, make_workflow, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--tile", "30"], "multiple of the model's down-sampling factor"),
-    (["--set", "output.deflate_level=0"], "output.deflate_level"),
-    (["--set", "output.deflate_level=fast"], "output.deflate_level"),
+    (["--set", "output.level=0"], "output.level: Value error, deflate levels are 1-12"),
+    (["--set", "output.level=fast"], "output.level"),
+    (["--set", "output.compression=zstd", "--set", "output.level=23"], "output.level: Value error, zstd levels"),
+    (["--set", "output.compression=lzw", "--set", "output.level=3"], "output.level: Value error, lzw has no levels"),
+    (["--set", "output.compression=jpeg"], "output.compression"),
+    (["--set", "output.deflate_level=0"], "output: Value error, deflate_level (now level) must be auto or 1-12"),
+    (["--set", "output.deflate_level=fast"], "deflate_level (now level) must be auto or 1-12"),
+    (["--set", "output.deflate_level=5", "--set", "output.level=5"], "deflate_level is the former name of level"),
     (["--set", "bands=[1,2]"], "bands: the workflow selects 2"),
     (["--set", "tiling.halo=-4"], "tiling.halo"),
     (["--set", "tiling.halo=wide"], "tiling.halo"),
