@@ -34,6 +34,7 @@ One run measures, on one model and one tile setting:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,15 @@ class BenchOptions:
     compress: str = "deflate"  # and their compression (SCENE_COMPRESSIONS)
     readers: int | str = "auto"  # runtime.readers of the end-to-end runs
     finishers: int | str = "auto"  # runtime.finishers of the end-to-end runs
-    output_compression: str = "deflate"  # output.compression of the end-to-end runs (at level auto)
+    output_compression: str = "deflate"  # output.compression of the end-to-end runs
+    output_level: int | str = "auto"  # and output.level
     torch: bool = False
     memory_sizes: tuple[int, int] = (2048, 8192)
     memory_arch: tuple[int, int, int, int] | None = None  # None: (depth, 4, bands, classes) of the model
     min_seconds: float = 3.0  # per timed measurement
     compile_rounds: int = 3  # cold and warm compile pairs, each over a cache of its own
+    host_only: bool = False  # only the host's ceiling, host_runs times (run_host_only)
+    host_runs: int = 3
     workdir: Path | None = None
     quick: bool = False
 
@@ -331,16 +335,17 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 def bench_workflow(scene_dir: Path, out_dir: Path, checkpoint: Path, tile: int, halo: int, batch: int,
                    cache: Path, precision: str, threads: int | None = None,
                    readers: int | str = "auto", finishers: int | str = "auto",
-                   compression: str = "deflate") -> dict[str, Any]:
+                   compression: str = "deflate", level: int | str = "auto") -> dict[str, Any]:
     """The workflow an end-to-end measurement runs, as plain data (``threads``: dask threads;
     the runner keeps twice as many batches in flight; ``readers`` and ``finishers``: the
-    ``runtime`` settings; ``compression``: its COGs')."""
+    ``runtime`` settings; ``compression`` and ``level``: its COGs')."""
     from pipeline.infer import resolve_precision
     from unet_flax.checkpoint import read_card
 
     bands = read_card(checkpoint).unet.in_bands
     return {"name": "bench", "input": {"dir": str(scene_dir)},
-            "output": {"dir": str(out_dir), "run_products": False, "compression": compression},
+            "output": {"dir": str(out_dir), "run_products": False, "compression": compression,
+                       "level": level},
             "model": {"checkpoint": str(checkpoint)},
             "bands": list(range(1, bands + 1)), "normalise": {"scale": 1 / 10000},
             "tiling": {"tile": tile, "halo": halo, "batch": batch},
@@ -498,15 +503,12 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel
-    from unet_flax.xla_flags import cpu_features, usable_cores, ynn_convolutions
+    from unet_flax.xla_flags import cpu_features, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    tmp = tempfile.TemporaryDirectory(prefix="tilepipe-bench-") if opts.workdir is None else None
-    work = Path(tmp.name if tmp else opts.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with _workdir(opts) as work:
         checkpoint = opts.model or make_checkpoint(work / "bench-model.safetensors", opts.arch)
         ckpt = load_checkpoint(checkpoint)
         cfg = ckpt.card.unet
@@ -567,11 +569,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
              + (f", NumPy {mm['numpy_gflops']:.1f} GFLOP/s" if mm["numpy_gflops"] else ""))
 
         # The scene, and real tiles of it, as read, for the model-only and precision runs.
-        scene_dir = work / "scene"
-        scene_dir.mkdir(exist_ok=True)
-        scene = write_scene(scene_dir / "scene.tif", opts.size, cfg.in_bands, block=opts.block, compress=opts.compress)
-        for i in range(2, opts.scenes + 1):
-            _link_or_copy(scene, scene_dir / f"scene-{i}.tif")
+        scene_dir, scene = _scenes(work, opts, cfg.in_bands)
         report["scene"] = {**_scene_layout(scene, cfg.in_bands, opts), **_checksum_rate(scene, opts.size**2)}
         inputs = _scene_batch(scene, spec, batch, ckpt.card)
 
@@ -651,24 +649,17 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         # reading, stitching and writing can here. End to end cannot beat it on any device.
         host = _run_e2e(work, "host", scene_dir, checkpoint, spec, batch, cache, precision, opts,
                         model=False)
-        host_mpx = host["pixels"] / host["seconds"] / 1e6
-        report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=host["seconds"],
-                                    host_publish_wait_s=host["publish_wait_s"],
-                                    host_publish_tail_s=host["publish_tail_s"],
-                                    host_checksum_wait_s=host["checksum_wait_s"],
-                                    host_decodes_per_chunk=_decodes_per_chunk(host, report["scene"], opts),
+        h = _host_summary(host, report["scene"], opts)
+        host_mpx = h["mpx_per_s"]
+        report["end_to_end"].update(host_mpx_per_s=host_mpx, host_seconds=h["seconds"],
+                                    host_publish_wait_s=h["publish_wait_s"], host_publish_tail_s=h["publish_tail_s"],
+                                    host_checksum_wait_s=h["checksum_wait_s"],
+                                    host_decodes_per_chunk=h["decodes_per_chunk"],
                                     host_over_model_only=host_mpx / report["model_only"]["mpx_per_s"],
-                                    # what the host spends per megapixel written: on an accelerator,
-                                    # where every core is busy, this sets the host's ceiling
-                                    cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=_per_mpx(host),
-                                    # the run's process thread by thread: a thread busy all the
-                                    # time caps the run however many cores are idle
-                                    threads=_threads(e2e), host_threads=_threads(host),
-                                    busy_share=_busy_shares(e2e), host_busy_share=_busy_shares(host),
-                                    cores=usable_cores())
-        # every core busy with nothing but this host work: a bound no arrangement of processes passes
-        report["end_to_end"]["host_cpu_bound_mpx_per_s"] = (
-            1000 * report["end_to_end"]["cores"] / sum(report["end_to_end"]["host_cpu_ms_per_mpx"].values()))
+                                    cpu_ms_per_mpx=_per_mpx(e2e), host_cpu_ms_per_mpx=h["cpu_ms_per_mpx"],
+                                    threads=_threads(e2e), host_threads=h["threads"],
+                                    busy_share=_busy_shares(e2e), host_busy_share=h["busy_share"],
+                                    cores=h["cores"], host_cpu_bound_mpx_per_s=h["cpu_bound_mpx_per_s"])
         echo(f"host ceiling {opts.size}^2 ({host['seconds']:.1f} s): {host_mpx:.3f} Mpx/s, "
              f"{report['end_to_end']['host_over_model_only']:.2f}x model only")
 
@@ -678,9 +669,87 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["targets"] = targets(report)
         report["load_average_end"] = list(os.getloadavg())
         return report
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+
+
+def _host_summary(run: dict[str, Any], scene: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:
+    """A host-ceiling run (:func:`_run_e2e` without the model) as the report gives it: its rate,
+    what held it back, and what the host spent per megapixel written: on an accelerator, where
+    every core is busy, that CPU sets the ceiling, and a thread busy all the time caps the run
+    however many cores are idle."""
+    from unet_flax.xla_flags import usable_cores
+
+    cpu, cores = _per_mpx(run), usable_cores()
+    return {"mpx_per_s": run["pixels"] / run["seconds"] / 1e6, "seconds": run["seconds"],
+            "publish_wait_s": run["publish_wait_s"], "publish_tail_s": run["publish_tail_s"],
+            "checksum_wait_s": run["checksum_wait_s"], "decodes_per_chunk": _decodes_per_chunk(run, scene, opts),
+            "cpu_ms_per_mpx": cpu, "threads": _threads(run), "busy_share": _busy_shares(run), "cores": cores,
+            # every core busy with nothing but this host work: a bound no arrangement of processes passes
+            "cpu_bound_mpx_per_s": 1000 * cores / sum(cpu.values()),
+            "peak_rss_mb": run["peak_rss"] / 2**20}
+
+
+def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
+    """``tilepipe bench --host-only``: the host's ceiling alone, ``opts.host_runs`` times over the
+    same scenes: the end-to-end run with the model's cost taken out, as a host with the given
+    settings (``--threads``, ``--readers``, ``--finishers``, ``--batch``, ``--precision``,
+    ``--output-compression``) would run it on this machine's cores. An accelerator host's
+    settings emulated on any machine; no model-only, compile or memory measurements."""
+    import jax
+
+    from pipeline.infer import device_description, resolve_precision
+    from pipeline.windows import tile_spec
+    from unet_flax.checkpoint import load_checkpoint
+    from unet_flax.xla_flags import cpu_features
+
+    with _workdir(opts) as work:
+        checkpoint = opts.model or make_checkpoint(work / "bench-model.safetensors", opts.arch)
+        cfg = load_checkpoint(checkpoint).card.unet
+        spec, precision = tile_spec(opts.tile, opts.halo, cfg.factor), resolve_precision(opts.precision)
+        scene_dir, scene = _scenes(work, opts, cfg.in_bands)
+        report: dict[str, Any] = {
+            "device": device_description(), "backend": jax.default_backend(), "host_only": True,
+            "cpu_features": sorted(cpu_features() & CPU_FEATURES),
+            "model": {"depth": cfg.depth, "base_width": cfg.base_width, "in_bands": cfg.in_bands,
+                      "num_classes": cfg.num_classes, "precision": precision},
+            "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
+            "batch": {"value": opts.batch, "auto": False}, "scenes": opts.scenes, "threads": opts.threads,
+            "scene": _scene_layout(scene, cfg.in_bands, opts), "runs": []}
+        echo(f"host ceiling on {report['device']}: {opts.scenes} x {opts.size}^2, batch {opts.batch}, {precision}")
+        for i in range(opts.host_runs):
+            run = _run_e2e(work, f"host-{i}", scene_dir, checkpoint, spec, opts.batch, work / "jax-cache", precision,
+                           opts, model=False)
+            report.update(readers=run["readers"], finishers=run["finishers"], compression=run["compression"])
+            report["runs"].append(_host_summary(run, report["scene"], opts))
+            echo(f"run {i + 1}: {report['runs'][-1]['mpx_per_s']:.1f} Mpx/s ({run['seconds']:.1f} s)")
+        return report
+
+
+def format_host_table(report: dict[str, Any]) -> str:
+    """A :func:`run_host_only` report as an aligned two-column table, a row per run."""
+    sc, runs = report["scene"], report["runs"]
+    rows = [("device", _device(report)),
+            ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} (read "
+                      f"{report['tiling']['read_size']}), batch {report['batch']['value']}, "
+                      f"{report['model']['precision']}, model depth {report['model']['depth']} with "
+                      f"{report['model']['in_bands']} bands"),
+            ("scenes", f"{report['scenes']} x {sc['size']}^2 x {sc['bands']} {sc['dtype']}, blocks {sc['block']}^2, "
+                       f"{sc['compress']}"),
+            ("settings", f"{report['threads'] or 'the workflow default'} Dask threads, "
+                         f"{report['readers']} readers; publishing: {_publishing(report)}")]
+    for i, run in enumerate(runs, start=1):
+        rows.append((f"run {i}", f"{run['mpx_per_s']:.1f} Mpx/s; CPU per Mpx written "
+                                 f"{_cpu_split(run['cpu_ms_per_mpx'], report)} ({sum(run['cpu_ms_per_mpx'].values()):.1f} "
+                                 f"ms in all; {run['cores']} cores all busy with it: {run['cpu_bound_mpx_per_s']:.1f} Mpx/s); "
+                                 f"by thread {_thread_roles(run['threads'])}; readers and finishers busy: "
+                                 f"{_shares(run['busy_share'])}; batches held back for publishing "
+                                 f"{run['publish_wait_s']:.2f} s, files for checksums {run['checksum_wait_s']:.2f} s; "
+                                 f"{run['decodes_per_chunk']:.2f} decodes per chunk; peak RSS {run['peak_rss_mb']:.0f} MB"))
+    rates = [run["mpx_per_s"] for run in runs]
+    costs = [sum(run["cpu_ms_per_mpx"].values()) for run in runs]
+    rows.append(("host ceiling", f"{min(rates):.1f}-{max(rates):.1f} Mpx/s (median {float(np.median(rates)):.1f}) "
+                                 f"at {min(costs):.1f}-{max(costs):.1f} ms of CPU per Mpx written, over {len(runs)} runs"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -796,6 +865,28 @@ def _decodes_per_chunk(run: dict[str, Any], scene: dict[str, Any], opts: BenchOp
     return run["chunks_decoded"] / (scene["chunks"] * opts.scenes)
 
 
+@contextlib.contextmanager
+def _workdir(opts: BenchOptions) -> Iterator[Path]:
+    """Where a bench writes its files: ``opts.workdir``, kept, or a temporary folder removed after."""
+    if opts.workdir is not None:
+        Path(opts.workdir).mkdir(parents=True, exist_ok=True)
+        yield Path(opts.workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="tilepipe-bench-") as tmp:
+        yield Path(tmp)
+
+
+def _scenes(work: Path, opts: BenchOptions, bands: int) -> tuple[Path, Path]:
+    """The folder the end-to-end runs read, and the scene in it (``opts.size``, stored as
+    ``opts.block`` and ``opts.compress`` say), with ``opts.scenes - 1`` more names of it."""
+    scene_dir = work / "scene"
+    scene_dir.mkdir(exist_ok=True)
+    scene = write_scene(scene_dir / "scene.tif", opts.size, bands, block=opts.block, compress=opts.compress)
+    for i in range(2, opts.scenes + 1):
+        _link_or_copy(scene, scene_dir / f"scene-{i}.tif")
+    return scene_dir, scene
+
+
 def _link_or_copy(source: Path, dest: Path) -> None:
     """``dest`` as another name of ``source`` where the file system allows, else a copy."""
     try:
@@ -806,8 +897,13 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 def _run_e2e(work: Path, name: str, scene_dir: Path, checkpoint: Path, spec: Any, batch: int, cache: Path,
              precision: str, opts: BenchOptions, model: bool = True) -> dict[str, Any]:
-    wf = bench_workflow(scene_dir, work / f"out-{name}", checkpoint, spec.tile, spec.halo, batch, cache, precision,
-                        opts.threads, opts.readers, opts.finishers, opts.output_compression)
+    """One end-to-end run of the scenes in a child process, into an output folder that starts
+    empty: the outputs of an earlier bench in the same ``--workdir`` would have it skip every file."""
+    out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    wf = bench_workflow(scene_dir, out, checkpoint, spec.tile, spec.halo, batch, cache, precision,
+                        opts.threads, opts.readers, opts.finishers, opts.output_compression,
+                        opts.output_level)
     path = work / f"{name}-workflow.json"
     path.write_text(json.dumps(wf))
     result, (rss, pss), wall = _child(["e2e", str(path), *([] if model else ["--no-model"])])
@@ -886,12 +982,18 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
 
 def _cpu_roles(e2e: dict[str, Any]) -> str:
     """Where the host ceiling's CPU went, per megapixel written, role by role."""
-    ms, counts = e2e["host_cpu_ms_per_mpx"], {"readers": e2e.get("readers"), "finishers": e2e.get("finishers")}
-    parts = [f"{ms['process']:.0f} ms in the run's process"]
-    parts += [f"{ms[role]:.0f} ms in {counts[role]} {role if counts[role] > 1 else role[:-1]}"
+    return _cpu_split(e2e["host_cpu_ms_per_mpx"], e2e)
+
+
+def _cpu_split(ms: dict[str, float], run: dict[str, Any]) -> str:
+    """CPU per megapixel written by the run's process, its readers and finishers (as many as
+    ``run`` says it had) and any other children."""
+    counts = {"readers": run.get("readers"), "finishers": run.get("finishers")}
+    parts = [f"{ms['process']:.1f} ms in the run's process"]
+    parts += [f"{ms[role]:.1f} ms in {counts[role]} {role if counts[role] > 1 else role[:-1]}"
               for role in ("readers", "finishers") if counts[role]]
     if ms.get("other", 0) >= 0.5:
-        parts.append(f"{ms['other']:.0f} ms in other children")
+        parts.append(f"{ms['other']:.1f} ms in other children")
     return ", ".join(parts)
 
 
@@ -914,13 +1016,17 @@ def _publishing(e2e: dict[str, Any]) -> str:
     return (f"{finishers} finisher{'s' if finishers > 1 else ''}, " if finishers else "") + codec
 
 
+def _device(report: dict[str, Any]) -> str:
+    return report["device"] + (f"; host CPU has {', '.join(report['cpu_features'])}" if report.get("cpu_features")
+                               else "")
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
     m, e, c, mem, p = report["model_only"], report["end_to_end"], report["compile"], report["memory"], report["precision"]
     sc = report["scene"]
     rows = [
-        ("device", report["device"] + (f"; host CPU has {', '.join(report['cpu_features'])}"
-                                       if report.get("cpu_features") else "")),
+        ("device", _device(report)),
         ("model", f"depth {report['model']['depth']}, width {report['model']['base_width']}, "
                   f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
                   f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}"
@@ -1032,7 +1138,8 @@ def positive(text: str) -> int:
 
 
 def count_or_auto(text: str) -> int | str:
-    """A --readers, --finishers or --halo value (argparse type): a whole number, 0 included, or auto."""
+    """A --readers, --finishers, --halo or --output-level value (argparse type): a whole number, 0
+    included, or auto."""
     if text == "auto":
         return text
     if not text.isdigit():
@@ -1068,7 +1175,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
                         "on CPU, a third of the cores and at least 2 on GPU/TPU)")
     p.add_argument("--output-compression", choices=("deflate", "zstd", "lzw"), default="deflate",
-                   help="the end-to-end runs' COGs (output.compression, at level auto; default deflate)")
+                   help="the end-to-end runs' COGs (output.compression; default deflate)")
+    p.add_argument("--output-level", type=count_or_auto, default="auto",
+                   help="and their level (output.level; default auto: GDAL's own on CPU, a cheaper one on "
+                        "GPU/TPU, so give 5 for DEFLATE or 1 for ZSTD to emulate an accelerator host here)")
+    p.add_argument("--host-only", action="store_true",
+                   help="only the host's ceiling (the end-to-end run without the model's cost), --runs times: "
+                        "an accelerator host's settings emulated on this machine's cores")
+    p.add_argument("--runs", type=positive, default=3, help="host-ceiling runs of --host-only (default 3)")
     p.add_argument("--compile-rounds", type=positive,
                    help="cold and warm compile pairs, each over a cache of its own; the median counts "
                         "(default 3, 2 with --quick; 1 where each process start is dear, as on an accelerator)")
@@ -1083,10 +1197,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The bench's options from its command line; a combination that cannot run is a
+    :class:`~pipeline.errors.WorkflowError` that names the option."""
+    from pipeline.errors import WorkflowError
+    from pipeline.outputs import Compression
+
+    if args.output_level != "auto":
+        try:
+            Compression(args.output_compression, args.output_level)
+        except ValueError as exc:
+            raise WorkflowError(f"--output-level: {exc}") from None
+    if args.host_only and args.batch == "auto":
+        raise WorkflowError("--host-only needs a fixed --batch (auto probes the model)")
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
                   block=args.block, compress=args.compress,
                   readers=args.readers, finishers=args.finishers, output_compression=args.output_compression,
-                  torch=args.torch, workdir=args.workdir)
+                  output_level=args.output_level,
+                  torch=args.torch, workdir=args.workdir, host_only=args.host_only, host_runs=args.runs)
     if args.compile_rounds is not None:
         common["compile_rounds"] = args.compile_rounds
     if args.quick:
@@ -1097,8 +1224,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def main_bench(args: argparse.Namespace) -> int:
     """``tilepipe bench``: run, print the table, optionally write the JSON."""
-    report = run_bench(options_from_args(args), echo=lambda line: print(line, file=sys.stderr))
-    print(format_table(report))
+    opts, echo = options_from_args(args), (lambda line: print(line, file=sys.stderr))
+    report = run_host_only(opts, echo) if opts.host_only else run_bench(opts, echo)
+    print(format_host_table(report) if opts.host_only else format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

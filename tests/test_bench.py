@@ -11,6 +11,7 @@ import rasterio
 
 from pipeline import bench
 from pipeline.chunks import ChunkGrid
+from pipeline.cli import main as cli_main
 from pipeline.windows import source_window, tile_batches, tile_spec
 from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
 
@@ -110,6 +111,44 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert f"checksummed (blake3) at {sc['checksum_gb_per_s']:.2f} GB/s" in table
 
 
+def test_host_only_runs_the_host_ceiling_alone_as_often_as_asked(tmp_path, capsys):
+    """``--host-only``: the end-to-end run without the model, at an accelerator host's settings
+    (readers, finishers, the publishing level), on this machine's cores; nothing else."""
+    out = tmp_path / "host.json"
+    args = ["--quick", "--host-only", "--runs", "2", "--scenes", "2", "--readers", "2", "--finishers", "1",
+            "--output-compression", "zstd", "--output-level", "1", "--json", str(out), "--workdir", str(tmp_path / "w")]
+    assert bench.main(args) == 0
+    report, table = json.loads(out.read_text()), capsys.readouterr().out
+    assert report["host_only"] and not set(report) & {"model_only", "compile", "memory", "end_to_end"}
+    assert (report["readers"], report["finishers"]) == (2, 1) and report["compression"] == {"codec": "zstd", "level": 1}
+    assert len(report["runs"]) == 2 and report["scene"]["size"] == 512
+    for run in report["runs"]:
+        cpu = run["cpu_ms_per_mpx"]
+        assert run["mpx_per_s"] > 0 and cpu["process"] > 0 and cpu["readers"] > 0 and cpu["finishers"] > 0
+        assert run["cpu_bound_mpx_per_s"] == pytest.approx(1000 * run["cores"] / sum(cpu.values()))
+        assert run["decodes_per_chunk"] == 1 and run["threads"]["ms_per_mpx"]["driver"] > 0
+    for i in (1, 2):  # each run published the scenes afresh, as asked
+        masks = sorted((tmp_path / "w" / f"out-host-{i - 1}").glob("*.tif"))
+        assert len(masks) == 2
+        with rasterio.open(masks[0]) as src:
+            assert src.compression.name == "zstd"
+        assert f"run {i} " in table
+    rates = [run["mpx_per_s"] for run in report["runs"]]
+    assert f"{min(rates):.1f}-{max(rates):.1f} Mpx/s" in table and "publishing: 1 finisher, zstd 1" in table
+    assert bench.main(args[:2] + ["--runs", "1"] + args[4:]) == 0  # the same workdir: its outputs are made again
+    assert len(json.loads(out.read_text())["runs"]) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host-only", "--batch", "auto"], "--host-only needs a fixed --batch"),
+    (["--output-compression", "zstd", "--output-level", "23"], "--output-level: zstd levels are 1-22"),
+    (["--output-compression", "lzw", "--output-level", "1"], "--output-level: lzw has no levels"),
+])
+def test_bench_options_that_cannot_run_are_usage_errors(args, message, capsys):
+    assert cli_main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("ratios", "chosen"), [([0.3], 0.3), ([0.3, 0.1, 0.2], 0.2), ([0.4, 0.1, 0.3, 0.2], 0.3)])
 def test_the_median_round_counts(ratios, chosen):
     rounds = [{"ratio": r, "index": i} for i, r in enumerate(ratios)]
@@ -137,7 +176,7 @@ def test_bench_parser_defaults():
     assert opts.memory_sizes == (2048, 8192)
     assert opts.precision == "auto" and opts.threads is None and opts.scenes == 1 and opts.readers == "auto"
     assert bench.options_from_args(parser.parse_args(["bench", "--readers", "0"])).readers == 0
-    assert opts.output_compression == "deflate"
+    assert (opts.output_compression, opts.output_level, opts.host_only, opts.host_runs) == ("deflate", "auto", False, 3)
     assert opts.finishers == "auto" and bench.options_from_args(parser.parse_args(["bench", "--finishers", "3"])).finishers == 3
     assert bench.options_from_args(parser.parse_args(["bench", "--threads", "16"])).threads == 16
     assert bench.options_from_args(parser.parse_args(["bench", "--batch", "auto"])).batch == "auto"
