@@ -736,18 +736,20 @@ def format_host_table(report: dict[str, Any]) -> str:
                        f"{sc['compress']}"),
             ("settings", f"{report['threads'] or 'the workflow default'} Dask threads, "
                          f"{report['readers']} readers; publishing: {_publishing(report)}")]
-    for i, run in enumerate(runs, start=1):
+    rates = [run["mpx_per_s"] for run in runs]
+    costs = [sum(run["cpu_ms_per_mpx"].values()) for run in runs]
+    for i, (run, cost) in enumerate(zip(runs, costs), start=1):
         rows.append((f"run {i}", f"{run['mpx_per_s']:.1f} Mpx/s; CPU per Mpx written "
-                                 f"{_cpu_split(run['cpu_ms_per_mpx'], report)} ({sum(run['cpu_ms_per_mpx'].values()):.1f} "
-                                 f"ms in all; {run['cores']} cores all busy with it: {run['cpu_bound_mpx_per_s']:.1f} Mpx/s); "
+                                 f"{_cpu_split(run['cpu_ms_per_mpx'], report)} ({cost:.1f} ms in all; "
+                                 f"{run['cores']} cores all busy with it: {run['cpu_bound_mpx_per_s']:.1f} Mpx/s); "
                                  f"by thread {_thread_roles(run['threads'])}; readers and finishers busy: "
                                  f"{_shares(run['busy_share'])}; batches held back for publishing "
                                  f"{run['publish_wait_s']:.2f} s, files for checksums {run['checksum_wait_s']:.2f} s; "
-                                 f"{run['decodes_per_chunk']:.2f} decodes per chunk; peak RSS {run['peak_rss_mb']:.0f} MB"))
-    rates = [run["mpx_per_s"] for run in runs]
-    costs = [sum(run["cpu_ms_per_mpx"].values()) for run in runs]
+                                 f"{run['decodes_per_chunk']:.2f} decodes per chunk; "
+                                 f"peak RSS {run['peak_rss_mb']:.0f} MB"))
     rows.append(("host ceiling", f"{min(rates):.1f}-{max(rates):.1f} Mpx/s (median {float(np.median(rates)):.1f}) "
-                                 f"at {min(costs):.1f}-{max(costs):.1f} ms of CPU per Mpx written, over {len(runs)} runs"))
+                                 f"at {min(costs):.1f}-{max(costs):.1f} ms of CPU per Mpx written, "
+                                 f"over {len(runs)} runs"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -980,11 +982,6 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
-def _cpu_roles(e2e: dict[str, Any]) -> str:
-    """Where the host ceiling's CPU went, per megapixel written, role by role."""
-    return _cpu_split(e2e["host_cpu_ms_per_mpx"], e2e)
-
-
 def _cpu_split(ms: dict[str, float], run: dict[str, Any]) -> str:
     """CPU per megapixel written by the run's process, its readers and finishers (as many as
     ``run`` says it had) and any other children."""
@@ -1060,7 +1057,7 @@ def format_table(report: dict[str, Any]) -> str:
                                f"{100 * e['model_busy_share']:.1f}% of the run's wall time"),
         ("host ceiling", f"{e['host_mpx_per_s']:.3f} Mpx/s: the same run without the model's cost, "
                          f"{e['host_over_model_only']:.2f}x model only (end to end cannot beat it); CPU per Mpx "
-                         f"written {_cpu_roles(e)}; its {e['cores']} cores all busy with it: "
+                         f"written {_cpu_split(e['host_cpu_ms_per_mpx'], e)}; its {e['cores']} cores all busy with it: "
                          f"{e['host_cpu_bound_mpx_per_s']:.1f} Mpx/s"),
         ("threads", f"the run's process by thread, CPU per Mpx written: {_thread_roles(e['threads'])}; in the "
                     f"host ceiling's run: {_thread_roles(e['host_threads'])}; each reader and finisher busy on "

@@ -26,7 +26,7 @@ from pydantic import (
 
 from pipeline.errors import WorkflowError
 from pipeline.io import GdalPath, is_gdal_path
-from pipeline.outputs import Compression
+from pipeline.outputs import CODECS, Compression
 
 
 class Section(BaseModel):
@@ -80,8 +80,10 @@ class OutputSection(Section):
         value = data.pop("deflate_level")
         if "level" in data or data.get("compression", "deflate") != "deflate":
             raise ValueError("deflate_level is the former name of level, for compression deflate: give level only")
-        if value != "auto" and not (isinstance(value, int) and 1 <= value <= 12):
-            raise ValueError(f"deflate_level (now level) must be auto or 1-12, got {value!r}")
+        levels = CODECS["deflate"]
+        if value != "auto" and not (isinstance(value, int) and levels.lowest <= value <= levels.highest):
+            raise ValueError(f"deflate_level (now level) must be auto or {levels.lowest}-{levels.highest}, "
+                             f"got {value!r}")
         return {**data, "level": value}
 
     @field_validator("level")

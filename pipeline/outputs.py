@@ -445,7 +445,8 @@ def _dataset_tags(provenance: Mapping[str, str], resampling: str) -> dict[str, s
 
 
 def finalize_mask(tmp_mask: Path, dest: Path, card: ModelCard, provenance: dict[str, str], *,
-                  pixels: np.ndarray | None = None, stage: Stage | None = None, compression: Compression = Compression()) -> Path:
+                  pixels: np.ndarray | None = None, stage: Stage | None = None,
+                  compression: Compression = Compression()) -> Path:
     """Write ``tmp_mask`` (uint8 codes, nodata 255) as a COG at ``dest`` with its sidecars, atomically.
 
     Sidecars: ``.aux.xml`` (category names, attribute table), ``.qml`` style and ``.png``
