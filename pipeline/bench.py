@@ -1167,7 +1167,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "throughput, with more batches in flight than one scene has")
     p.add_argument("--readers", type=count_or_auto, default="auto",
                    help="reader processes of the end-to-end runs (runtime.readers; default auto: none on CPU, "
-                        "one per core up to --threads on GPU/TPU)")
+                        "one per core up to 8 per thread on GPU/TPU)")
     p.add_argument("--finishers", type=count_or_auto, default="auto",
                    help="finisher processes of the end-to-end runs (runtime.finishers; default auto: none "
                         "on CPU, a third of the cores and at least 2 on GPU/TPU)")

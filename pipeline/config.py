@@ -166,8 +166,9 @@ class RuntimeSection(Section):
     precision: Literal["float32", "bfloat16", "auto"] = "auto"
     """Compute dtype of the model: auto is bfloat16 on GPU/TPU and float32 on CPU."""
     readers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes each worker reads batches in, "
-                                                      "or auto (the default): none on CPU, one per core up to the "
-                                                      "worker's threads on GPU/TPU; "
+                                                      "or auto (the default): none on CPU, one per core up to 8 "
+                                                      "per worker thread on GPU/TPU (a batch is read in up to "
+                                                      "8 parts side by side); "
                                                       "0 reads in the worker's threads")
     finishers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes the driver publishes "
                                                         "finished files in, or auto (the default): none when the "

@@ -1,24 +1,26 @@
-"""Chunks that neighbouring batches share through their halos, decoded once for all of a
+"""Chunks that neighbouring reads share through their halos, decoded once for all of a
 worker's reader processes.
 
-A batch's reads reach ``halo`` pixels past its tiles' cores, so the chunks along an edge
-between two batches are read by both (by four at a corner). Reader processes keep no chunk from
-one batch to the next (:func:`pipeline.reading._read_into`), so each of those was decoded once
-per batch: 1.27 times per chunk of a 4096^2 scene with 256-pixel blocks in batches of 8 x 8
-tiles of 256, 1.41 times at 8192^2, 1.56 times with 512-pixel blocks. With a :class:`ChunkStore`
+A read (a batch's part, :func:`pipeline.windows.read_slices`: a column of a batch's block of
+tiles) reaches ``halo`` pixels past its tiles' cores, so the chunks along an edge between two
+reads are read by both (by four at a corner). Reader processes keep no chunk from one read to
+the next (:func:`pipeline.reading._read_into`), so each of those would be decoded once per read:
+1.27 times per chunk of a 4096^2 scene with 256-pixel blocks in whole batches of 8 x 8 tiles of
+256, 1.41 times at 8192^2, 1.56 times with 512-pixel blocks; about three times in columns of
+8 tiles, each reaching into the chunk columns on either side. With a :class:`ChunkStore`
 (an anonymous file of the worker's, which its readers open through ``/proc``; one per planned
 input, from its first batch until the input is forgotten: :class:`ChunkStores`) the first
 reader to need such a chunk decodes it into the store, the others copy it from there, and the
-last of the batches that read it frees its memory.
+last of the reads that need it frees its memory.
 
-The file starts with a record per chunk: how many batches of the plan read it
+The file starts with a record per chunk: how many reads of the plan need it
 (:func:`pipeline.chunks.chunk_users`), how many have yet to, and whether it is stored. The
 stored chunks follow, each in a slot of its own, so the file is sparse. A chunk's record and
 slot change only under a lock of its byte (``lockf``), and its producer holds that lock while it
 decodes, so a reader that needs the chunk meanwhile waits for it rather than decoding it too.
 The kernel drops a dead reader's locks; a chunk it was decoding is left unstored, and the next
 reader to need it decodes it. At most ``budget`` bytes are stored at once; past that, each
-batch decodes its chunks as before, so memory does not grow with the scene.
+read decodes its chunks as before, so memory does not grow with the scene.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ LOG = logging.getLogger(__name__)
 
 BUDGET = 48 * 2**20
 """Most bytes of chunks a store holds at once: the edges between the batches of a band of
-batches 8192 px wide (4 uint16 bands), and their halos across the next band."""
+batches 8192 px wide (4 uint16 bands), their halos across the next band, and the chunks the
+parts of the batches being read share (1.00 decodes per chunk at 8192^2 in 16 threads)."""
 
 MAGIC = b"tpchunk1"
 _HEAD = struct.Struct("=8s32sii")  # magic, key (32 bytes), chunk rows, chunk columns
 _STORED = _HEAD.size  # int64: bytes stored now
 _RECORDS = _STORED + 8
-_RECORD = struct.Struct("=iii")  # batches that read it, those yet to, whether it is stored (0/1)
+_RECORD = struct.Struct("=iii")  # reads that need it, those yet to, whether it is stored (0/1)
 _PAGE = 4096
 
 
@@ -224,8 +227,8 @@ def _key_bytes(key: str) -> bytes:
 
 
 class SharedChunks:
-    """A reader's side of a :class:`ChunkStore`, for one batch: :meth:`get` a chunk from it,
-    or decode it (into it, where other batches will read it too)."""
+    """A reader's side of a :class:`ChunkStore`, for one read: :meth:`get` a chunk from it,
+    or decode it (into it, where other reads need it too)."""
 
     def __init__(self, fd: int, shape: tuple[int, int], users: np.ndarray, budget: int):
         self.fd, self.shape, self.users, self.budget = fd, shape, users, budget
@@ -236,7 +239,7 @@ class SharedChunks:
     @contextlib.contextmanager
     def open(cls, path: str | None, key: str, budget: int = BUDGET) -> Iterator[SharedChunks | None]:
         """The store at ``path`` for the with-block, if it is ``key``'s; None otherwise (no
-        store, or not that one: each batch then decodes its chunks)."""
+        store, or not that one: each read then decodes its chunks)."""
         try:
             fd = os.open(path, os.O_RDWR) if path is not None else None
         except OSError:
@@ -257,7 +260,7 @@ class SharedChunks:
 
     def get(self, i: int, j: int, slot_bytes: int, decode: Callable[[], Chunk], empty: Callable[[], Chunk]) -> Chunk:
         """Chunk ``(i, j)``: copied (into ``empty()``, a chunk of its shape and dtypes) from the
-        store where another batch stored it, else ``decode()``-d, and stored for the batches
+        store where another read stored it, else ``decode()``-d, and stored for the reads
         still to read it where there is room (``slot_bytes``: a slot's size, the most any chunk
         of this input takes)."""
         c = i * self.shape[1] + j

@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.io import packed_shape
-from pipeline.windows import TileSpec
+from pipeline.windows import READ_SLICES, TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
 from unet_flax.model import fold_batch_norm
 
@@ -96,12 +96,14 @@ def normalise(x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) 
 def resolve_readers(readers: int | str, threads: int | None = None, backend: str | None = None) -> int:
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
     and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
-    up to the worker's ``threads`` (each thread waits for its own batch's read: more readers would idle)."""
+    up to as many as the worker's ``threads`` read at once: each thread waits for its own
+    batch's read, in at most :data:`~pipeline.windows.READ_SLICES` parts side by side."""
     if readers != "auto":
         return int(readers)
     if (backend or jax.default_backend()) == "cpu":
         return 0
-    return min(os.cpu_count() or 1, threads or os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    return min(cores, threads * READ_SLICES) if threads else cores
 
 
 def device_description() -> str:

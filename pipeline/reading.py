@@ -8,11 +8,14 @@ A worker's threads share one cache of decoded chunks (:data:`CHUNKS`). On a CPU 
 enough: the model is the cost. On an accelerator the host is the cost, and one Python process
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
-each batch in a child process (through a chunk cache of its own, emptied after each batch,
-and a small GDAL block cache) into shared memory that the worker maps as the batch and keeps
-for a next one (:data:`BUFFERS`). The chunks that neighbouring batches both read (their
-halos) are decoded once for all the worker's readers, through a store per input
-(:data:`STORES`, :mod:`pipeline.halos`). This module imports no JAX, so the children stay light.
+each batch in child processes, in parts side by side (:func:`pipeline.windows.read_slices`:
+a column of 8 tiles of a batch of 64), so that a few batches in flight keep every reader
+busy and the memory of a run follows the batches in flight, not the readers. Each part is read
+(through a chunk cache of its own, emptied after it, and a small GDAL block cache) into shared
+memory that the worker maps as the batch and keeps for a next one (:data:`BUFFERS`). The chunks
+that neighbouring parts both read (their halos) are decoded once for all the worker's readers,
+through a store per input (:data:`STORES`, :mod:`pipeline.halos`). This module imports no JAX,
+so the children stay light.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pipeline.chunks import ChunkCache, ChunkReader, ChunkUsers
 from pipeline.halos import ChunkStores, SharedChunks
 from pipeline.io import pack_valid, packed_shape, read_tile, wire_dtype
 from pipeline.stitch import core_mask
-from pipeline.windows import Tile, source_window
+from pipeline.windows import Tile, read_slices, source_window
 
 LOG = logging.getLogger(__name__)
 
@@ -72,14 +75,16 @@ class BatchInputs:
 
 def read_tiles(path: str, tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable = None,
                out: np.ndarray | None = None, valid: np.ndarray | None = None, dtype: np.dtype | None = None,
-               keep: bool = True, shared: SharedChunks | None = None) -> BatchInputs:
+               keep: bool = True, shared: SharedChunks | None = None,
+               src: rasterio.DatasetReader | None = None) -> BatchInputs:
     """Read ``tiles`` of ``path``, each straight into its slot of the batch (``out`` and
     ``valid``, packed, if given, else new arrays; in ``dtype``, by default the input's wire dtype);
     with ``key``, through :data:`CHUNKS`, sized for batches like this one, or (not ``keep``)
     for this batch alone, whose chunks and GDAL's blocks are then let go; the chunks other
-    batches read too through ``shared`` where given (and of this input's chunk grid)."""
+    batches read too through ``shared`` where given (and of this input's chunk grid); from
+    ``src``, ``path`` open already, where given."""
     masks = []
-    with rasterio.open(path) as src:
+    with contextlib.nullcontext(src) if src is not None else rasterio.open(path) as src:
         if out is None:
             dtype = wire_dtype([src.dtypes[b - 1] for b in bands]) if dtype is None else dtype
             out = np.empty((len(tiles), len(bands), read_size, read_size), dtype)
@@ -280,14 +285,16 @@ def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
                  tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable,
                  dtype: np.dtype, users: ChunkUsers | None) -> BatchInputs:
-    """The batch read by a reader into ``buffer``, or here where there is none (or the readers
-    could not open an earlier one)."""
+    """The batch read into ``buffer`` by readers side by side, a part each
+    (:func:`pipeline.windows.read_slices`), or here where there is none (or the readers could not
+    open an earlier one)."""
     if buffer is None or _UNSHARED:
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
+    tiles = tuple(tiles)
     try:
         with STORES.lend(key, users) as store:
-            masks, decoded = pool.submit(_read_into, buffer.path, buffer.shape, dtype, path, tuple(tiles),
-                                         tuple(bands), read_size, key, store).result()
+            parts = _read_parts(pool, [(buffer.path, buffer.shape, dtype, path, tiles[part], tuple(bands), read_size,
+                                        key, store, part.start) for part in read_slices(len(tiles))])
     except BrokenProcessPool:
         children.drop(pool)
         raise
@@ -295,11 +302,25 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
         _UNSHARED.append(str(exc))
         _cannot_share(f"reader processes cannot open shared memory ({exc})")
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
+    masks = [mask for part_masks, _ in parts for mask in part_masks]
     with _decoded_lock:
-        _decoded_elsewhere[0] += decoded
+        _decoded_elsewhere[0] += sum(decoded for _, decoded in parts)
     x, valid = buffer.arrays
     return BatchInputs(x[: len(tiles)], valid[: len(tiles)],
                        tuple(_all_valid(t.core.height, t.core.width) if m is None else m for m, t in zip(masks, tiles)))
+
+
+def _read_parts(pool: concurrent.futures.ProcessPoolExecutor, parts: list[tuple]) -> list:
+    """:func:`_read_into` for each of ``parts`` (its arguments) in ``pool``, their results in
+    order. Every part has ended, failed or not, before this returns or raises: a part still
+    writing into a buffer lent to the next batch would corrupt it."""
+    futures = []
+    try:
+        for args in parts:
+            futures.append(pool.submit(_read_into, *args))
+    finally:
+        concurrent.futures.wait(futures)
+    return [future.result() for future in futures]
 
 
 _UNSHARED: list[str] = []
@@ -346,28 +367,75 @@ def _cannot_share(reason: str) -> None:
 
 def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, tiles: tuple[Tile, ...],
                bands: tuple[int, ...], read_size: int, key: Hashable,
-               store: str | None = None) -> tuple[tuple[np.ndarray | None, ...], int]:
-    """A reader process's task: the batch into the first tiles of the shared file ``target``
-    (a :class:`SharedBatch` of ``shape``); each core's mask returned, None where every pixel
-    is valid, and how many chunks it decoded (a reader runs one task at a time). The reader
-    keeps nothing for its next batch: among many readers, a reader's next batch is seldom
-    beside this one, and sixteen readers each keeping a batch's chunks held a gigabyte. The
-    chunks other batches read too go through the worker's ``store`` (a path, or None), which
-    holds each until the last of its batches has read it (:mod:`pipeline.halos`)."""
+               store: str | None = None, start: int = 0) -> tuple[tuple[np.ndarray | None, ...], int]:
+    """A reader process's task: ``tiles`` into tiles ``start`` on of the shared file ``target``
+    (a :class:`SharedBatch` of ``shape``; a part of its batch, which other readers read beside
+    it); each core's mask returned, None where every pixel is valid, and how many chunks it
+    decoded (a reader runs one task at a time). The reader keeps nothing for its next part:
+    among many readers, its next part is seldom beside this one, and sixteen readers each keeping
+    a batch's chunks held a gigabyte. The chunks other parts read too (neighbouring parts of
+    its batch, and of the batches around it) go through the worker's ``store`` (a path, or
+    None), which holds each until the last of its parts has read it (:mod:`pipeline.halos`)."""
     try:
         fd = os.open(target, os.O_RDWR)
     except OSError as exc:
         raise NoSharedBatch(f"{target}: {exc.strerror}") from None
-    try:  # mapped with its pages at once: writing through faults would take ~45 ms a batch
-        memory = mmap.mmap(fd, _size(shape, dtype), mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    try:
+        memories, (x, valid) = _map_part(fd, shape, dtype, start, start + len(tiles))
     finally:
         os.close(fd)
-    x, valid = _views(memory, shape, dtype)
-    n, decoded = len(tiles), CHUNKS.misses
-    with SharedChunks.open(store, str(key)) as shared:
-        masks = read_tiles(path, tiles, bands, read_size, key, out=x[:n], valid=valid[:n], keep=False,
-                           shared=shared).masks
+    decoded = CHUNKS.misses
+    with SharedChunks.open(store, str(key)) as shared, _held_open(path, key) as src:
+        masks = read_tiles(path, tiles, bands, read_size, key, out=x, valid=valid, keep=False, shared=shared,
+                           src=src).masks
         decoded = CHUNKS.misses - decoded - (shared.copied if shared is not None else 0)
     del x, valid
-    memory.close()  # after an error, the traceback's frames hold views of it: it goes with them
+    for memory in memories:
+        memory.close()  # after an error, the traceback's frames hold views of them: they go with those
     return tuple(None if m.all() else m for m in masks), decoded
+
+
+_HELD: list[tuple[str, Hashable, rasterio.DatasetReader]] = []
+"""The input a reader process read its last part from, kept open for the next part of the
+same plan (an open is about a millisecond, and a batch is read in up to eight parts)."""
+
+
+@contextlib.contextmanager
+def _held_open(path: str, key: Hashable) -> Iterator[rasterio.DatasetReader]:
+    """``path`` open for a part of the plan ``key``, and kept open after it (without a key,
+    or after an error, it is closed)."""
+    if _HELD and _HELD[0][:2] != (path, key):
+        _HELD.pop()[2].close()
+    src = _HELD[0][2] if _HELD else rasterio.open(path)
+    try:
+        yield src
+    except BaseException:
+        if _HELD:
+            _HELD.pop()
+        src.close()
+        raise
+    if key is None:
+        src.close()
+    elif not _HELD:
+        _HELD.append((path, key, src))
+
+
+def _map_part(fd: int, shape: tuple[int, ...], dtype: np.dtype, start: int,
+              stop: int) -> tuple[tuple[mmap.mmap, ...], tuple[np.ndarray, np.ndarray]]:
+    """Tiles ``start:stop`` of the values and validity of a :class:`SharedBatch` of ``shape``
+    (laid out as :func:`_views` says), each region mapped alone, with its pages at once
+    (writing through faults would take ~45 ms a batch; mapping the whole batch in each of its
+    parts would populate it once per part)."""
+    tile_values = math.prod(shape[1:]) * dtype.itemsize
+    tile_bits = math.prod(packed_shape(1, shape[-1]))
+    n = stop - start
+    regions = ((start * tile_values, n * tile_values, dtype, (n, *shape[1:])),
+               (shape[0] * tile_values + start * tile_bits, n * tile_bits, np.dtype(np.uint8),
+                packed_shape(n, shape[-1])))
+    memories, arrays = [], []
+    for offset, size, kind, part_shape in regions:
+        skip = offset % mmap.ALLOCATIONGRANULARITY
+        memory = mmap.mmap(fd, skip + size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=offset - skip)
+        memories.append(memory)
+        arrays.append(np.frombuffer(memory, kind, size // kind.itemsize, offset=skip).reshape(part_shape))
+    return tuple(memories), (arrays[0], arrays[1])

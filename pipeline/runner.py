@@ -64,7 +64,7 @@ from pipeline.sink import (
     start_finishers,
 )
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
-from pipeline.windows import TileSpec, seamless_halo, tile_batches, tile_spec
+from pipeline.windows import TileSpec, read_parts, seamless_halo, tile_batches, tile_spec
 from unet_flax.card import ModelCard
 from unet_flax.checkpoint import CheckpointError, file_sha256, read_card
 
@@ -214,7 +214,7 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
     dtype = wire_dtype([info.dtypes[b - 1] for b in wf.bands]).name
     groups = tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)
-    users = chunk_users(ChunkGrid.of(info.width, info.height, *info.block_shape), groups)
+    users = chunk_users(ChunkGrid.of(info.width, info.height, *info.block_shape), read_parts(groups))
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, dtype, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
                      wf.runtime.precision, read_key, wf.runtime.readers, users)

@@ -61,8 +61,9 @@ class BatchJob:
     readers: int | str = 0
     """Reader processes of the worker (``auto``: :func:`pipeline.infer.resolve_readers`)."""
     chunk_users: ChunkUsers | None = None
-    """How many of its input's batches read each chunk (:func:`pipeline.chunks.chunk_users`):
-    where readers share the chunks read more than once (:mod:`pipeline.halos`)."""
+    """How many of its input's reads (each batch's parts, :func:`pipeline.windows.read_slices`)
+    read each chunk (:func:`pipeline.chunks.chunk_users`): where reader processes share the
+    chunks read more than once (:mod:`pipeline.halos`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -176,3 +176,26 @@ def reflect_pads(read: Window, source: Window) -> tuple[tuple[int, int], tuple[i
 def batches(items: list, size: int) -> list[list]:
     """Consecutive groups of at most ``size`` items."""
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+READ_SLICES = 8
+"""Most parts a batch's read is split into, for as many reader processes at once."""
+
+SLICE_TILES = 4
+"""Fewest tiles in a part: each is a task of its own, which opens the input again."""
+
+
+def read_slices(count: int) -> list[slice]:
+    """A batch of ``count`` tiles cut into consecutive parts of nearly equal size that reader
+    processes read side by side: at most :data:`READ_SLICES`, none under :data:`SLICE_TILES`
+    tiles unless the batch is. A batch of 64 tiles, 8 x 8 taken column by column
+    (:func:`tile_batches`), is read a column of 8 tiles per part."""
+    parts = max(1, min(READ_SLICES, count // SLICE_TILES))
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def read_parts(groups: Sequence[Sequence[Tile]]) -> list[Sequence[Tile]]:
+    """Every batch of ``groups`` cut into its parts (:func:`read_slices`): the reads reader
+    processes make, in order."""
+    return [group[part] for group in groups for part in read_slices(len(group))]

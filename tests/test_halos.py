@@ -24,7 +24,7 @@ from rasterio import windows
 from pipeline import halos, reading
 from pipeline.chunks import ChunkCache, ChunkGrid, ChunkReader, chunk_users
 from pipeline.halos import ChunkStore, SharedChunks
-from pipeline.windows import source_window, tile_batches, tile_spec
+from pipeline.windows import read_parts, source_window, tile_batches, tile_spec
 
 READERS = 2
 BANDS = [1, 2, 3, 4]
@@ -32,10 +32,12 @@ SPEC = tile_spec(64, 16, 4)  # on 600 x 700 px: 3 x 3 chunks of 256, 11 x 10 til
 
 
 def plan(path, batch=4):
+    """As the runner plans ``path``: its chunk grid, its batches, and how many of their parts
+    (one each for batches of 4) read each chunk."""
     with rasterio.open(path) as src:
         grid = ChunkReader.of(src, BANDS).grid
         batches = tile_batches(src.width, src.height, SPEC, batch)
-    return grid, batches, chunk_users(grid, batches)
+    return grid, batches, chunk_users(grid, read_parts(batches))
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +69,13 @@ def test_the_users_of_a_plan_are_the_chunks_its_batches_decode_read_alone(raster
 
 
 @pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
-@pytest.mark.parametrize("threads", [1, 3])
-def test_readers_decode_each_chunk_once_and_read_what_the_worker_would(tmp_path, dtype, nodata, threads):
+@pytest.mark.parametrize("threads, batch", [(1, 4), (3, 4), (1, 16), (2, 16)])  # 16: read in 4 parts side by side
+def test_readers_decode_each_chunk_once_and_read_what_the_worker_would(tmp_path, dtype, nodata, threads, batch):
     data = scene(600, 700, dtype=dtype, seed=8)
     if nodata is not None:
         data[:, 250:270, 240:300] = nodata  # masks travel through the store too
     path = str(write_raster(tmp_path / "in.tif", data, nodata=nodata))
-    grid, batches, users = plan(path)
+    grid, batches, users = plan(path, batch)
     pool = reading.reader_pool(READERS)
     key = uuid.uuid4().hex
 

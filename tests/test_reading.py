@@ -20,7 +20,7 @@ from test_run import run
 from pipeline import reading, tasks
 from pipeline.chunks import ChunkReader
 from pipeline.infer import resolve_readers
-from pipeline.windows import source_window, tile_batches, tile_spec
+from pipeline.windows import READ_SLICES, source_window, tile_batches, tile_spec
 
 UINT16 = np.dtype(np.uint16)
 FLOAT32 = np.dtype(np.float32)
@@ -35,7 +35,8 @@ def leftovers():
 
 @pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
 @pytest.mark.parametrize("keyed", [False, True])
-def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, nodata, keyed):
+@pytest.mark.parametrize("batch", [4, 9])  # 9: read in two parts, the second's validity off a page boundary
+def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, nodata, keyed, batch):
     data = scene(70, 90, dtype=dtype, seed=4)
     if nodata is not None:
         data[:, :9, :13] = nodata
@@ -47,7 +48,7 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     pool = reading.reader_pool(READERS)
     reading.BUFFERS.clear()
     before = leftovers()
-    for tiles in tile_batches(90, 70, spec, 4):  # the last batch has 2 tiles
+    for tiles in tile_batches(90, 70, spec, batch):  # 9 tiles: batches of 4 end with one of 1
         here = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size)
         there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key, dtype=np.dtype(dtype))
         with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key,
@@ -81,12 +82,13 @@ def test_the_chunks_a_batch_decodes_are_counted_where_it_is_read(tmp_path):
             assert reading.chunks_decoded() - before == len(chunks)
 
 
-def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path):
-    good = write_raster(tmp_path / "good.tif", scene(40, 40))
+@pytest.mark.parametrize("batch", [4, 8])  # 8: two parts, each read by a reader of its own
+def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path, batch):
+    good = write_raster(tmp_path / "good.tif", scene(40, 80))
     broken = tmp_path / "broken.tif"
     broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated: header fine, blocks gone
-    spec = tile_spec(32, 16, 4)
-    tiles = tile_batches(40, 40, spec, 4)[0]
+    spec = tile_spec(16, 8, 4)
+    tiles = tile_batches(80, 40, spec, batch)[0]
     pool = reading.reader_pool(READERS)
     before = leftovers()
     with pytest.raises(rasterio.errors.RasterioError):
@@ -154,6 +156,22 @@ def test_readers_that_cannot_open_shared_memory_leave_reading_to_the_worker(tmp_
     said = [r.getMessage() for r in caplog.records if "cannot open shared memory" in r.getMessage()]
     assert len(said) == 1 and "no-such-fd" in said[0]
     assert len(reading.BUFFERS) <= 1  # no buffer made once the readers could not open one
+
+
+def test_a_reader_keeps_its_input_open_for_the_next_part_of_the_same_plan_only(tmp_path):
+    path = str(write_raster(tmp_path / "in.tif", scene(20, 20)))
+    with reading._held_open(path, "plan-1") as first:
+        pass
+    with reading._held_open(path, "plan-1") as again:
+        assert again is first and not first.closed
+    with reading._held_open(path, "plan-2") as other:  # another plan: the input may have changed since
+        assert other is not first and first.closed
+    with pytest.raises(ValueError), reading._held_open(path, "plan-2") as failed:
+        raise ValueError("a part failed")
+    assert failed is other and other.closed and not reading._HELD  # not kept after an error
+    with reading._held_open(path, None) as unkeyed:
+        pass
+    assert unkeyed.closed and not reading._HELD
 
 
 def test_a_lent_buffer_serves_one_batch_at_a_time():
@@ -245,7 +263,7 @@ def alive(pid):
 def test_readers_resolve_by_backend():
     assert resolve_readers("auto", backend="cpu") == 0
     assert resolve_readers("auto", backend="gpu") == os.cpu_count()
-    assert resolve_readers("auto", threads=1, backend="gpu") == 1  # one read at a time per thread
+    assert resolve_readers("auto", threads=1, backend="gpu") == min(READ_SLICES, os.cpu_count())  # one batch's parts
     assert resolve_readers("auto", threads=10**6, backend="gpu") == os.cpu_count()
     assert resolve_readers(3, threads=1, backend="gpu") == 3
     assert reading.reader_pool(0) is None

@@ -10,7 +10,10 @@ from pipeline.windows import (
     batch_band_rows,
     batches,
     core_blocks,
+    READ_SLICES,
+    SLICE_TILES,
     plan_tiles,
+    read_slices,
     reflect_indices,
     reflect_pads,
     seamless_halo,
@@ -104,6 +107,23 @@ def test_batches_keep_order_and_size():
 @pytest.mark.parametrize("batch, rows", [(1, 1), (2, 1), (4, 2), (7, 1), (8, 2), (12, 3), (16, 4), (32, 4), (64, 8)])
 def test_a_batch_is_the_squarest_block_that_divides_it(batch, rows):
     assert batch_band_rows(batch) == rows
+
+
+@given(count=st.integers(1, 600))
+def test_a_batchs_read_slices_are_consecutive_nearly_equal_parts_of_it(count):
+    parts = read_slices(count)
+    assert [i for part in parts for i in range(count)[part]] == list(range(count))
+    sizes = {part.stop - part.start for part in parts}
+    assert max(sizes) - min(sizes) <= 1
+    assert len(parts) <= READ_SLICES
+    assert len(parts) == 1 or min(sizes) >= SLICE_TILES
+
+
+def test_a_batch_of_64_is_read_a_column_of_its_block_per_slice():
+    spec = tile_spec(16, 4, 4)
+    group = tile_batches(16 * 8, 16 * 8, spec, 64)[0]
+    columns = [grid_cells(group[part], 16) for part in read_slices(len(group))]
+    assert columns == [{(r, c) for r in range(8)} for c in range(8)]
 
 
 def grid_cells(batch, tile):
