@@ -415,7 +415,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.config import Workflow
     from pipeline.infer import configure_jax, get_predictor, resolve_readers
     from pipeline.reading import chunks_decoded, start_readers
-    from pipeline.runner import resolve_tiling, run_workflow
+    from pipeline.runner import batch_parts, resolve_tiling, run_workflow
     from pipeline.sink import resolve_compression, resolve_finishers, start_finishers
     from pipeline.thread_cpu import ThreadCpu
     from unet_flax.checkpoint import file_sha256, read_card
@@ -446,6 +446,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
+              "read_parts": batch_parts(wf) if readers else 1,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "checksum_wait_s": report.checksum_wait_s,
@@ -624,7 +625,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
         report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
                                 "bands": cfg.in_bands, "threads": opts.threads,
-                                "readers": e2e["readers"], "finishers": e2e["finishers"], "seconds": e2e["seconds"],
+                                "readers": e2e["readers"], "read_parts": e2e["read_parts"],
+                                "finishers": e2e["finishers"], "seconds": e2e["seconds"],
                                 "compression": e2e["compression"],
                                 "startup_s": e2e["startup_s"], "mpx_per_s": e2e_mpx,
                                 "ratio_to_model_only": e2e_mpx / report["model_only"]["mpx_per_s"],
@@ -718,7 +720,8 @@ def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         for i in range(opts.host_runs):
             run = _run_e2e(work, f"host-{i}", scene_dir, checkpoint, spec, opts.batch, work / "jax-cache", precision,
                            opts, model=False)
-            report.update(readers=run["readers"], finishers=run["finishers"], compression=run["compression"])
+            report.update(readers=run["readers"], read_parts=run["read_parts"], finishers=run["finishers"],
+                          compression=run["compression"])
             report["runs"].append(_host_summary(run, report["scene"], opts))
             echo(f"run {i + 1}: {report['runs'][-1]['mpx_per_s']:.1f} Mpx/s ({run['seconds']:.1f} s)")
         return report
@@ -735,7 +738,7 @@ def format_host_table(report: dict[str, Any]) -> str:
             ("scenes", f"{report['scenes']} x {sc['size']}^2 x {sc['bands']} {sc['dtype']}, blocks {sc['block']}^2, "
                        f"{sc['compress']}"),
             ("settings", f"{report['threads'] or 'the workflow default'} Dask threads, "
-                         f"{report['readers']} readers; publishing: {_publishing(report)}")]
+                         f"{report['readers']} readers{_parts(report)}; publishing: {_publishing(report)}")]
     rates = [run["mpx_per_s"] for run in runs]
     costs = [sum(run["cpu_ms_per_mpx"].values()) for run in runs]
     for i, (run, cost) in enumerate(zip(runs, costs), start=1):
@@ -1013,6 +1016,12 @@ def _publishing(e2e: dict[str, Any]) -> str:
     return (f"{finishers} finisher{'s' if finishers > 1 else ''}, " if finishers else "") + codec
 
 
+def _parts(settings: dict[str, Any]) -> str:
+    """How many parts readers read each batch in, where more than one (:mod:`pipeline.reading`)."""
+    parts = settings.get("read_parts", 1)
+    return f" (each batch in {parts} parts)" if settings.get("readers") and parts > 1 else ""
+
+
 def _device(report: dict[str, Any]) -> str:
     return report["device"] + (f"; host CPU has {', '.join(report['cpu_features'])}" if report.get("cpu_features")
                                else "")
@@ -1047,7 +1056,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['scenes']} x {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
                        f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"
-                       + (f", {e['readers']} reader processes" if e.get("readers") else "")),
+                       + (f", {e['readers']} reader processes{_parts(e)}" if e.get("readers") else "")),
         ("end to end, paired", f"ratio {e['paired']['ratio']:.2f} ({e['paired']['ratio_to_mean']:.2f} to their mean) "
                                f"to {len(e['paired']['before_s']) + len(e['paired']['after_s'])} model-only "
                                f"batches timed in the run's process just before and after it "

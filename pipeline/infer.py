@@ -97,7 +97,8 @@ def resolve_readers(readers: int | str, threads: int | None = None, backend: str
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
     and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
     up to as many as the worker's ``threads`` read at once: each thread waits for its own
-    batch's read, in at most :data:`~pipeline.windows.READ_SLICES` parts side by side."""
+    batch's read, in at most :data:`~pipeline.windows.READ_SLICES` parts side by side
+    (:func:`~pipeline.windows.parts_per_batch`)."""
     if readers != "auto":
         return int(readers)
     if (backend or jax.default_backend()) == "cpu":

@@ -256,16 +256,17 @@ class NoSharedBatch(Exception):
 
 def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
                    bands: Sequence[int], read_size: int, key: Hashable = None, *, dtype: np.dtype,
-                   users: ChunkUsers | None = None) -> BatchInputs:
+                   users: ChunkUsers | None = None, parts: int = 1) -> BatchInputs:
     """:func:`read_tiles` in one of ``pool``'s processes, in ``dtype`` (the wire dtype the
     planner chose): the same batch, read beside this process's GIL into shared memory of its
     own, which this process maps (no copy) and which lasts as long as the batch. Where it
-    cannot be shared, the batch is read here. With ``users`` (its plan's), the chunks other
-    batches read too are decoded once for all of them (:data:`STORES`)."""
+    cannot be shared, the batch is read here. It is read in (at most) ``parts`` parts side by
+    side (:func:`pipeline.windows.read_slices`); with ``users`` (its plan's, counting those
+    parts), the chunks other reads need too are decoded once for all of them (:data:`STORES`)."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     buffer = _new_buffer(shape, dtype)
     try:
-        return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users)
+        return _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users, parts)
     finally:
         if buffer is not None:
             buffer.close()  # its mapping holds the memory
@@ -274,18 +275,18 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
 @contextlib.contextmanager
 def lend_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tiles: Sequence[Tile],
                    bands: Sequence[int], read_size: int, key: Hashable = None, *,
-                   dtype: np.dtype, users: ChunkUsers | None = None) -> Iterator[BatchInputs]:
+                   dtype: np.dtype, users: ChunkUsers | None = None, parts: int = 1) -> Iterator[BatchInputs]:
     """:func:`read_elsewhere` into a buffer of :data:`BUFFERS` lent for the with-block: the
     batch is valid inside it only."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     with BUFFERS.lend(shape, dtype) as buffer:
-        yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users)
+        yield _read_shared(pool, buffer, path, tiles, bands, read_size, key, dtype, users, parts)
 
 
 def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBatch | None, path: str,
                  tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable,
-                 dtype: np.dtype, users: ChunkUsers | None) -> BatchInputs:
-    """The batch read into ``buffer`` by readers side by side, a part each
+                 dtype: np.dtype, users: ChunkUsers | None, parts: int) -> BatchInputs:
+    """The batch read into ``buffer`` by ``parts`` readers side by side, a part each
     (:func:`pipeline.windows.read_slices`), or here where there is none (or the readers could not
     open an earlier one)."""
     if buffer is None or _UNSHARED:
@@ -294,7 +295,7 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     try:
         with STORES.lend(key, users) as store:
             parts = _read_parts(pool, [(buffer.path, buffer.shape, dtype, path, tiles[part], tuple(bands), read_size,
-                                        key, store, part.start) for part in read_slices(len(tiles))])
+                                        key, store, part.start) for part in read_slices(len(tiles), parts)])
     except BrokenProcessPool:
         children.drop(pool)
         raise

@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import fnmatch
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -64,7 +65,7 @@ from pipeline.sink import (
     start_finishers,
 )
 from pipeline.tasks import BatchJob, predict_batch, predict_inputs, read_batch
-from pipeline.windows import TileSpec, read_parts, seamless_halo, tile_batches, tile_spec
+from pipeline.windows import TileSpec, parts_per_batch, read_parts, seamless_halo, tile_batches, tile_spec
 from unet_flax.card import ModelCard
 from unet_flax.checkpoint import CheckpointError, file_sha256, read_card
 
@@ -214,12 +215,21 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
     read_key = uuid.uuid4().hex  # this plan's chunks in the workers' caches; never those of an earlier read
     dtype = wire_dtype([info.dtypes[b - 1] for b in wf.bands]).name
     groups = tile_batches(info.width, info.height, spec, wf.tiling.batch, info.striped)
-    users = chunk_users(ChunkGrid.of(info.width, info.height, *info.block_shape), read_parts(groups))
+    parts = batch_parts(wf)
+    users = chunk_users(ChunkGrid.of(info.width, info.height, *info.block_shape), read_parts(groups, parts))
     jobs = [BatchJob(str(path), tuple(group), tuple(wf.bands), normaliser, dtype, str(model.path), model.sha256,
                      spec, wf.tiling.batch, wf.output.confidence, wf.output.probabilities, cache,
-                     wf.runtime.precision, read_key, wf.runtime.readers, users)
+                     wf.runtime.precision, read_key, wf.runtime.readers, users, parts)
             for group in groups]
     return FileJob(info, output_path(wf, path), jobs, notes, remaining=len(jobs))
+
+
+def batch_parts(wf: Workflow) -> int:
+    """Parts reader processes read each batch of ``wf`` in (:func:`~pipeline.windows.parts_per_batch`),
+    its readers ``auto`` taken as on an accelerator, one per core of this machine: on CPU there
+    are none, and the parts do not matter."""
+    readers = (os.cpu_count() or 1) if wf.runtime.readers == "auto" else wf.runtime.readers
+    return parts_per_batch(readers, wf.dask.threads)
 
 
 def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict[str, str]:

@@ -61,9 +61,12 @@ class BatchJob:
     readers: int | str = 0
     """Reader processes of the worker (``auto``: :func:`pipeline.infer.resolve_readers`)."""
     chunk_users: ChunkUsers | None = None
-    """How many of its input's reads (each batch's parts, :func:`pipeline.windows.read_slices`)
-    read each chunk (:func:`pipeline.chunks.chunk_users`): where reader processes share the
-    chunks read more than once (:mod:`pipeline.halos`)."""
+    """How many of its input's reads (each batch's ``parts``) read each chunk
+    (:func:`pipeline.chunks.chunk_users`): where reader processes share the chunks read more
+    than once (:mod:`pipeline.halos`)."""
+    parts: int = 1
+    """Reader processes read the batch in (at most) this many parts side by side
+    (:func:`pipeline.windows.read_slices`; planned by :func:`pipeline.windows.parts_per_batch`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +99,7 @@ def read_batch(job: BatchJob) -> BatchInputs:
     pool = reader_pool(resolve_readers(job.readers, _worker_threads()))
     if pool is None:
         return read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
-    return read_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users)
+    return read_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users, parts=job.parts)
 
 
 @contextlib.contextmanager
@@ -107,7 +110,8 @@ def lent_batch(job: BatchJob) -> Iterator[BatchInputs]:
     if pool is None:
         yield read_tiles(*_read_args(job), dtype=np.dtype(job.dtype))
         return
-    with lend_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users) as inputs:
+    with lend_elsewhere(pool, *_read_args(job), dtype=np.dtype(job.dtype), users=job.chunk_users,
+                        parts=job.parts) as inputs:
         yield inputs
 
 

@@ -31,13 +31,13 @@ BANDS = [1, 2, 3, 4]
 SPEC = tile_spec(64, 16, 4)  # on 600 x 700 px: 3 x 3 chunks of 256, 11 x 10 tiles, batches of 4
 
 
-def plan(path, batch=4):
-    """As the runner plans ``path``: its chunk grid, its batches, and how many of their parts
-    (one each for batches of 4) read each chunk."""
+def plan(path, batch=4, parts=1):
+    """As the runner plans ``path``: its chunk grid, its batches, and how many of their reads
+    (``parts`` per batch) need each chunk."""
     with rasterio.open(path) as src:
         grid = ChunkReader.of(src, BANDS).grid
         batches = tile_batches(src.width, src.height, SPEC, batch)
-    return grid, batches, chunk_users(grid, read_parts(batches))
+    return grid, batches, chunk_users(grid, read_parts(batches, parts))
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,19 @@ def test_the_users_of_a_plan_are_the_chunks_its_batches_decode_read_alone(raster
 
 
 @pytest.mark.parametrize("dtype, nodata", [("uint16", None), ("int16", -5000), ("float32", -9999.0)])
-@pytest.mark.parametrize("threads, batch", [(1, 4), (3, 4), (1, 16), (2, 16)])  # 16: read in 4 parts side by side
-def test_readers_decode_each_chunk_once_and_read_what_the_worker_would(tmp_path, dtype, nodata, threads, batch):
+@pytest.mark.parametrize("threads, batch, parts", [(1, 4, 1), (3, 4, 1), (1, 16, 4), (2, 16, 4)])  # in parts side by side
+def test_readers_decode_each_chunk_once_and_read_what_the_worker_would(tmp_path, dtype, nodata, threads, batch, parts):
     data = scene(600, 700, dtype=dtype, seed=8)
     if nodata is not None:
         data[:, 250:270, 240:300] = nodata  # masks travel through the store too
     path = str(write_raster(tmp_path / "in.tif", data, nodata=nodata))
-    grid, batches, users = plan(path, batch)
+    grid, batches, users = plan(path, batch, parts)
     pool = reading.reader_pool(READERS)
     key = uuid.uuid4().hex
 
     def read(tiles):
         with reading.lend_elsewhere(pool, path, tiles, BANDS, SPEC.read_size, key, dtype=np.dtype(dtype),
-                                    users=users) as batch:
+                                    users=users, parts=parts) as batch:
             return batch.x.copy(), batch.valid.copy(), batch.masks
 
     before = reading.chunks_decoded()

@@ -50,9 +50,10 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     before = leftovers()
     for tiles in tile_batches(90, 70, spec, batch):  # 9 tiles: batches of 4 end with one of 1
         here = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size)
-        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key, dtype=np.dtype(dtype))
+        there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key, dtype=np.dtype(dtype),
+                                       parts=READ_SLICES)
         with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key,
-                                    dtype=np.dtype(dtype)) as lent:
+                                    dtype=np.dtype(dtype), parts=READ_SLICES) as lent:
             for batch in (there, lent):
                 assert batch.x.dtype == here.x.dtype == np.dtype(dtype)  # the input's own values
                 np.testing.assert_array_equal(batch.x, here.x)
@@ -92,7 +93,7 @@ def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path, batch):
     pool = reading.reader_pool(READERS)
     before = leftovers()
     with pytest.raises(rasterio.errors.RasterioError):
-        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16)
+        reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16, parts=2)
     assert leftovers() == before
     x = reading.read_elsewhere(pool, str(good), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16).x
     np.testing.assert_array_equal(x, reading.read_tiles(str(good), tiles, [1, 2, 3, 4], spec.read_size).x)
@@ -192,11 +193,12 @@ def test_a_lent_buffer_serves_one_batch_at_a_time():
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workflow, monkeypatch, precision):
-    elsewhere, dtypes, users = [], set(), {}
+    elsewhere, dtypes, users, parts = [], set(), {}, set()
 
     def lend(*a, **k):
         elsewhere.append(a[1])
         dtypes.add(k["dtype"])
+        parts.add(k["parts"])
         users[a[1]] = k["users"]
         return reading.lend_elsewhere(*a, **k)
 
@@ -209,7 +211,8 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
     for readers in (0, READERS):
         out = tmp_path / f"out{readers}"
         runtime = {"readers": readers, "precision": precision}
-        assert run(make_workflow(inputs, output={"dir": str(out)}, runtime=runtime)) == 0
+        assert run(make_workflow(inputs, output={"dir": str(out)}, runtime=runtime, tiling={"batch": 8},
+                                 dask={"threads": 1})) == 0
         outputs[readers] = {}
         for i in range(2):
             with rasterio.open(out / f"s{i}.tif") as src:
@@ -218,6 +221,7 @@ def test_a_run_with_reader_processes_writes_the_same_masks(tmp_path, make_workfl
         np.testing.assert_array_equal(outputs[READERS][i], outputs[0][i])
     assert sorted(set(elsewhere)) == [str(inputs / "s0.tif"), str(inputs / "s1.tif")]  # the second run's batches
     assert dtypes == {np.dtype("uint16")}  # batches travel as read, whatever the model computes in
+    assert parts == {READERS}  # one thread's batches, each read by every reader, a part each
     for path, planned in users.items():  # each batch carries its input's plan of chunks, for the readers to share
         with rasterio.open(path) as src:
             grid = ChunkReader.of(src, [1, 2, 3, 4]).grid

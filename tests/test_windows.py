@@ -12,6 +12,7 @@ from pipeline.windows import (
     core_blocks,
     READ_SLICES,
     SLICE_TILES,
+    parts_per_batch,
     plan_tiles,
     read_slices,
     reflect_indices,
@@ -109,14 +110,21 @@ def test_a_batch_is_the_squarest_block_that_divides_it(batch, rows):
     assert batch_band_rows(batch) == rows
 
 
-@given(count=st.integers(1, 600))
-def test_a_batchs_read_slices_are_consecutive_nearly_equal_parts_of_it(count):
-    parts = read_slices(count)
+@given(count=st.integers(1, 600), most=st.integers(1, 20))
+def test_a_batchs_read_slices_are_consecutive_nearly_equal_parts_of_it(count, most):
+    parts = read_slices(count, most)
     assert [i for part in parts for i in range(count)[part]] == list(range(count))
     sizes = {part.stop - part.start for part in parts}
     assert max(sizes) - min(sizes) <= 1
-    assert len(parts) <= READ_SLICES
+    assert len(parts) <= min(most, READ_SLICES)
     assert len(parts) == 1 or min(sizes) >= SLICE_TILES
+    assert len(parts) == min(most, READ_SLICES, max(1, count // SLICE_TILES))
+
+
+@pytest.mark.parametrize("readers, threads, parts", [(16, 2, 8), (16, 4, 4), (16, 16, 1), (2, 16, 1), (0, 2, 1),
+                                                     (64, 2, READ_SLICES), (12, 5, 2)])
+def test_a_batch_is_cut_into_as_many_parts_as_keep_the_readers_busy(readers, threads, parts):
+    assert parts_per_batch(readers, threads) == parts
 
 
 def test_a_batch_of_64_is_read_a_column_of_its_block_per_slice():
