@@ -294,8 +294,8 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     tiles = tuple(tiles)
     try:
         with STORES.lend(key, users) as store:
-            parts = _read_parts(pool, [(buffer.path, buffer.shape, dtype, path, tiles[part], tuple(bands), read_size,
-                                        key, store, part.start) for part in read_slices(len(tiles), parts)])
+            results = _read_parts(pool, [(buffer.path, buffer.shape, dtype, path, tiles[part], tuple(bands),
+                                          read_size, key, store, part.start) for part in read_slices(len(tiles), parts)])
     except BrokenProcessPool:
         children.drop(pool)
         raise
@@ -303,9 +303,9 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
         _UNSHARED.append(str(exc))
         _cannot_share(f"reader processes cannot open shared memory ({exc})")
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
-    masks = [mask for part_masks, _ in parts for mask in part_masks]
+    masks = [mask for part_masks, _ in results for mask in part_masks]
     with _decoded_lock:
-        _decoded_elsewhere[0] += sum(decoded for _, decoded in parts)
+        _decoded_elsewhere[0] += sum(decoded for _, decoded in results)
     x, valid = buffer.arrays
     return BatchInputs(x[: len(tiles)], valid[: len(tiles)],
                        tuple(_all_valid(t.core.height, t.core.width) if m is None else m for m, t in zip(masks, tiles)))
@@ -321,7 +321,15 @@ def _read_parts(pool: concurrent.futures.ProcessPoolExecutor, parts: list[tuple]
             futures.append(pool.submit(_read_into, *args))
     finally:
         concurrent.futures.wait(futures)
-    return [future.result() for future in futures]
+    error = next((e for e in (future.exception() for future in futures) if e is not None), None)
+    results = None if error is not None else [future.result() for future in futures]
+    del futures
+    if error is not None:
+        try:
+            raise error
+        finally:  # its traceback holds this frame: held here too, the error and the batch it failed would be a cycle
+            error = None
+    return results
 
 
 _UNSHARED: list[str] = []

@@ -227,7 +227,8 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
 def batch_parts(wf: Workflow) -> int:
     """Parts reader processes read each batch of ``wf`` in (:func:`~pipeline.windows.parts_per_batch`),
     its readers ``auto`` taken as on an accelerator, one per core of this machine: on CPU there
-    are none, and the parts do not matter."""
+    are none, and the parts do not matter. On an existing cluster this machine's cores and
+    ``dask.threads`` stand for the workers' (a wrong guess costs speed, never a pixel)."""
     readers = (os.cpu_count() or 1) if wf.runtime.readers == "auto" else wf.runtime.readers
     return parts_per_batch(readers, wf.dask.threads)
 

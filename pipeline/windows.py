@@ -182,7 +182,8 @@ READ_SLICES = 8
 """Most parts a batch's read is split into, for as many reader processes at once."""
 
 SLICE_TILES = 4
-"""Fewest tiles in a part: each is a task of its own, which opens the input again."""
+"""Fewest tiles in a part: each is a task of its own, and the chunks along its edges are read
+from the store of shared chunks rather than from its reader's own."""
 
 
 def read_slices(count: int, parts: int = READ_SLICES) -> list[slice]:
