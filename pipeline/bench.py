@@ -87,6 +87,7 @@ class BenchOptions:
     compile_rounds: int = 3  # cold and warm compile pairs, each over a cache of its own
     host_only: bool = False  # only the host's ceiling, host_runs times (run_host_only)
     host_runs: int = 3
+    host_memory: bool = False  # and, with host_only, peak memory at memory_sizes without the model's cost
     workdir: Path | None = None
     quick: bool = False
 
@@ -418,6 +419,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.runner import batch_parts, resolve_tiling, run_workflow
     from pipeline.sink import resolve_compression, resolve_finishers, start_finishers
     from pipeline.thread_cpu import ThreadCpu
+    from pipeline.windows import read_slices
     from unet_flax.checkpoint import file_sha256, read_card
 
     wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
@@ -446,7 +448,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
-              "read_parts": batch_parts(wf) if readers else 1,
+              "read_parts": len(read_slices(wf.tiling.batch, batch_parts(wf))) if readers else 1,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "checksum_wait_s": report.checksum_wait_s,
@@ -695,7 +697,8 @@ def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     same scenes: the end-to-end run with the model's cost taken out, as a host with the given
     settings (``--threads``, ``--readers``, ``--finishers``, ``--batch``, ``--precision``,
     ``--output-compression``) would run it on this machine's cores. An accelerator host's
-    settings emulated on any machine; no model-only, compile or memory measurements."""
+    settings emulated on any machine; no model-only or compile measurements, and memory only
+    with ``opts.host_memory`` (``--memory``), the model's cost taken out as well."""
     import jax
 
     from pipeline.infer import device_description, resolve_precision
@@ -724,6 +727,9 @@ def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                           compression=run["compression"])
             report["runs"].append(_host_summary(run, report["scene"], opts))
             echo(f"run {i + 1}: {report['runs'][-1]['mpx_per_s']:.1f} Mpx/s ({run['seconds']:.1f} s)")
+        if opts.host_memory:
+            report["memory"] = _memory(work, opts, cfg, spec, opts.batch, work / "jax-cache", precision, model=False)
+            echo(_memory_line(report["memory"]))
         return report
 
 
@@ -753,6 +759,8 @@ def format_host_table(report: dict[str, Any]) -> str:
     rows.append(("host ceiling", f"{min(rates):.1f}-{max(rates):.1f} Mpx/s (median {float(np.median(rates)):.1f}) "
                                  f"at {min(costs):.1f}-{max(costs):.1f} ms of CPU per Mpx written, "
                                  f"over {len(runs)} runs"))
+    if "memory" in report:
+        rows.append(("memory", f"{_memory_line(report['memory'])}, the model's cost taken out"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -948,8 +956,9 @@ def _paired(e2e: dict[str, Any]) -> dict[str, Any]:
 
 
 def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cache: Path,
-            precision: str) -> dict[str, Any]:
-    """Peak RSS of whole runs on a small and a large scene (same tiles, batch and model family)."""
+            precision: str, model: bool = True) -> dict[str, Any]:
+    """Peak RSS of whole runs on a small and a large scene (same tiles, batch and model family;
+    without ``model``, its cost taken out, as in the host's ceiling)."""
     arch = opts.memory_arch or (cfg.depth, min(4, cfg.base_width), cfg.in_bands, cfg.num_classes)
     checkpoint = make_checkpoint(work / "memory-model.safetensors", arch)
     results = {}
@@ -957,7 +966,7 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
         scene_dir = work / f"memory-{size}"
         scene_dir.mkdir(exist_ok=True)
         write_scene(scene_dir / "scene.tif", size, arch[2], seed=1, block=opts.block, compress=opts.compress)
-        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts)
+        run = _run_e2e(work, f"memory-{size}", scene_dir, checkpoint, spec, batch, cache, precision, opts, model)
         results[label] = {"size": size, "peak_rss_mb": run["peak_rss"] / 2**20,
                           "peak_pss_mb": run["peak_pss"] / 2**20, "seconds": run["seconds"],
                           "mpx_per_s": run["pixels"] / run["seconds"] / 1e6}
@@ -966,6 +975,13 @@ def _memory(work: Path, opts: BenchOptions, cfg: Any, spec: Any, batch: int, cac
             "note": "a narrower model than the one benchmarked, so the large scene runs in minutes",
             **results, "large_over_small": results["large"]["peak_rss_mb"] / results["small"]["peak_rss_mb"],
             "large_over_small_pss": results["large"]["peak_pss_mb"] / results["small"]["peak_pss_mb"]}
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    """A :func:`_memory` result in words: each size's peak RSS, and their ratio."""
+    small, large = memory["small"], memory["large"]
+    return (f"peak RSS {small['size']}^2 {small['peak_rss_mb']:.0f} MB, {large['size']}^2 "
+            f"{large['peak_rss_mb']:.0f} MB: x{memory['large_over_small']:.2f}")
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:
@@ -1189,6 +1205,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="only the host's ceiling (the end-to-end run without the model's cost), --runs times: "
                         "an accelerator host's settings emulated on this machine's cores")
     p.add_argument("--runs", type=positive, default=3, help="host-ceiling runs of --host-only (default 3)")
+    p.add_argument("--memory", action="store_true",
+                   help="with --host-only, also peak memory on one scene of each of --memory-sizes at the same "
+                        "settings, the model's cost taken out (the memory goal, emulated)")
     p.add_argument("--compile-rounds", type=positive,
                    help="cold and warm compile pairs, each over a cache of its own; the median counts "
                         "(default 3, 2 with --quick; 1 where each process start is dear, as on an accelerator)")
@@ -1215,11 +1234,14 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
             raise WorkflowError(f"--output-level: {exc}") from None
     if args.host_only and args.batch == "auto":
         raise WorkflowError("--host-only needs a fixed --batch (auto probes the model)")
+    if args.memory and not args.host_only:
+        raise WorkflowError("--memory goes with --host-only (a whole bench measures memory anyway)")
     common = dict(model=args.model, precision=args.precision, threads=args.threads, scenes=args.scenes,
                   block=args.block, compress=args.compress,
                   readers=args.readers, finishers=args.finishers, output_compression=args.output_compression,
                   output_level=args.output_level,
-                  torch=args.torch, workdir=args.workdir, host_only=args.host_only, host_runs=args.runs)
+                  torch=args.torch, workdir=args.workdir, host_only=args.host_only, host_runs=args.runs,
+                  host_memory=args.memory)
     if args.compile_rounds is not None:
         common["compile_rounds"] = args.compile_rounds
     if args.quick:

@@ -139,8 +139,23 @@ def test_host_only_runs_the_host_ceiling_alone_as_often_as_asked(tmp_path, capsy
     assert len(json.loads(out.read_text())["runs"]) == 1
 
 
+def test_host_only_with_memory_compares_two_sizes_at_the_same_settings(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    args = ["--quick", "--host-only", "--memory", "--runs", "1", "--readers", "2", "--threads", "1",
+            "--json", str(out)]
+    assert bench.main(args) == 0
+    report, table = json.loads(out.read_text()), capsys.readouterr().out
+    memory = report["memory"]
+    assert (memory["small"]["size"], memory["large"]["size"]) == (256, 512)
+    assert memory["small"]["peak_rss_mb"] > 0 and memory["large"]["peak_rss_mb"] > 0
+    assert memory["large_over_small"] == pytest.approx(memory["large"]["peak_rss_mb"] / memory["small"]["peak_rss_mb"])
+    assert f"x{memory['large_over_small']:.2f}, the model's cost taken out" in table
+    assert report["read_parts"] == 1 and "(each batch in" not in table  # --quick's batches of 4 are one part each
+
+
 @pytest.mark.parametrize("args, message", [
     (["--host-only", "--batch", "auto"], "--host-only needs a fixed --batch"),
+    (["--memory"], "--memory goes with --host-only"),
     (["--output-compression", "zstd", "--output-level", "23"], "--output-level: zstd levels are 1-22"),
     (["--output-compression", "lzw", "--output-level", "1"], "--output-level: lzw has no levels"),
 ])
