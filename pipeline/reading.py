@@ -9,8 +9,9 @@ enough: the model is the cost. On an accelerator the host is the cost, and one P
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
 each batch in child processes, in parts side by side (:func:`pipeline.windows.read_slices`:
-a column of 8 tiles of a batch of 64), so that a few batches in flight keep every reader
-busy and the memory of a run follows the batches in flight, not the readers. Each part is read
+up to 8; of a batch of 64, a column of 8 tiles each), so that a few batches in flight keep
+every reader busy and the memory of a run follows the batches in flight, not the readers.
+Each part is read
 (through a chunk cache of its own, emptied after it, and a small GDAL block cache) into shared
 memory that the worker maps as the batch and keeps for a next one (:data:`BUFFERS`). The chunks
 that neighbouring parts both read (their halos) are decoded once for all the worker's readers,
