@@ -30,6 +30,7 @@ import rasterio
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
+from pipeline.errors import InputError, one_line
 from pipeline.windows import Tile, source_window
 
 if TYPE_CHECKING:
@@ -334,5 +335,14 @@ class ChunkReader:
 
     def _load(self, area: Window) -> Chunk:
         bands = list(self.bands)
-        return Chunk(self.src.read(bands, window=area).astype(self.dtype, copy=False),
-                     self.src.read_masks(bands, window=area) if self.masked else None)
+        try:
+            return Chunk(self.src.read(bands, window=area).astype(self.dtype, copy=False),
+                         self.src.read_masks(bands, window=area) if self.masked else None)
+        except rasterio.errors.RasterioError as exc:
+            reason = one_line(exc)
+        # Raised in one line, GDAL's reason in it, and outside the handler: with GDAL's errors as
+        # its context, neither a reader process nor Dask brings it back whole (Dask's copy of the
+        # chain fails to unpickle, and the driver got "Exception: InputError(...)").
+        rows, cols = area.toranges()
+        raise InputError(f"its blocks at rows {rows[0]}-{rows[1] - 1}, columns {cols[0]}-{cols[1] - 1} "
+                         f"cannot be read ({reason})")

@@ -41,7 +41,7 @@ import pipeline
 from pipeline import interrupts, outputs, reading
 from pipeline.chunks import ChunkGrid, chunk_users
 from pipeline.config import DaskSection, Workflow
-from pipeline.errors import InputError, WorkflowError
+from pipeline.errors import InputError, WorkflowError, one_line
 from pipeline.infer import backend_of, resolve_batch
 from pipeline.io import (
     GdalPath,
@@ -60,7 +60,6 @@ from pipeline.sink import (
     FINISHERS,
     MaskSink,
     clean_partials,
-    one_line,
     resolve_finishers,
     start_finishers,
 )

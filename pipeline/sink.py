@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from pipeline import children, outputs
 from pipeline.config import OutputSection
-from pipeline.errors import TilepipeError
+from pipeline.errors import TilepipeError, one_line
 from pipeline.io import RasterInfo
 from pipeline.outputs import temporary_name
 from pipeline.stitch import NODATA
@@ -294,16 +294,3 @@ def clean_partials(directory: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: our own errors as they are, others with their type and cause."""
-    if isinstance(exc, TilepipeError):
-        text = str(exc).strip().splitlines()
-        return text[0] if text else exc.__class__.__name__
-    text = str(exc).strip().splitlines()
-    cause = exc.__cause__ or exc.__context__
-    if text and cause is not None and "See previous exception" in text[0] and str(cause).strip():
-        # rasterio's "Write failed. See previous exception for details.": say what GDAL said
-        text[0] = text[0].split(" See previous exception")[0] + f" ({str(cause).strip().splitlines()[0]})"
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__

@@ -23,6 +23,7 @@ from pipeline.chunks import (
     ChunkGrid,
     ChunkReader,
 )
+from pipeline.errors import InputError
 from pipeline.windows import source_window, tile_batches, tile_spec
 
 # (block rows, block cols) or None for strips of the given rows
@@ -278,7 +279,7 @@ def test_a_batch_read_alone_that_fails_keeps_nothing_either(tmp_path, monkeypatc
     broken.write_bytes(good.read_bytes()[: good.stat().st_size * 19 // 20])  # the last rows of blocks are gone
     spec = tile_spec(64, 16, 16)
     tiles = tile_batches(340, 300, spec, 64)[0]
-    with pytest.raises(rasterio.errors.RasterioError):
+    with pytest.raises(InputError, match=r"its blocks at rows \d+-\d+, columns \d+-\d+ cannot be read \(RasterioIOError"):
         reading.read_tiles(str(broken), tiles, [1, 2], spec.read_size, "k", keep=False)
     assert len(reading.CHUNKS.loads) > 1  # the first chunks were read before the failure
     assert reading.CHUNKS.bytes == 0

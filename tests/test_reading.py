@@ -4,6 +4,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from conftest import open_memfds, scene, write_raster
 from test_run import run
 
 from pipeline import reading, tasks
+from pipeline.errors import InputError
 from pipeline.chunks import ChunkReader
 from pipeline.infer import resolve_readers
 from pipeline.windows import READ_SLICES, source_window, tile_batches, tile_spec
@@ -96,8 +98,10 @@ def test_a_reader_process_reports_a_broken_input_and_goes_on(tmp_path, batch):
     before = leftovers()
     gc.disable()  # what is let go goes at once, or is held by a reference cycle
     try:
-        with pytest.raises(rasterio.errors.RasterioError) as failed:
+        with pytest.raises(InputError) as failed:  # said in a line, where GDAL's reason crosses from the reader
             reading.read_elsewhere(pool, str(broken), tiles, [1, 2, 3, 4], spec.read_size, dtype=UINT16, parts=2)
+        assert re.fullmatch(r"its blocks at rows \d+-\d+, columns \d+-\d+ cannot be read \(RasterioIOError: .+\)",
+                            str(failed.value)) and '"""' not in str(failed.value)
         error = weakref.ref(failed.value)
         del failed
         assert error() is None  # no cycle through it holds its traceback's frames (and their batches)

@@ -1,6 +1,7 @@
 """`tilepipe run` end to end on directories of real small GeoTIFFs."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,30 @@ def test_a_bad_file_fails_alone_and_leaves_nothing(tmp_path, make_workflow, caps
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".") and p.name != ".tilepipe"]
     err = capsys.readouterr().err
     assert "FAILED corrupt.tif" in err and "FAILED empty.tif" in err
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_a_file_whose_blocks_cannot_be_decoded_fails_in_a_line_that_says_where(tmp_path, make_workflow, readers):
+    """Its header reads, so it is planned; a block of it does not decode: read in the worker's
+    threads or in a reader process, the reason comes back whole, GDAL's words in it."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "good.tif", scene(40, 40))
+    damaged = inputs / "damaged.tif"
+    profile = dict(driver="GTiff", width=128, height=128, count=4, dtype="uint16", compress="deflate", tiled=True,
+                   blockxsize=16, blockysize=16)
+    with rasterio.open(damaged, "w", **profile) as dst:
+        dst.write(scene(128, 128, seed=3))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + len(data) // 10] = b"\x55" * (len(data) // 10)  # blocks' bytes, not the header
+    damaged.write_bytes(bytes(data))
+    report_path = tmp_path / "report.json"
+    wf = make_workflow(inputs, runtime={"readers": readers}, dask={"threads": 1, "retries": 0})
+    assert run(wf, "--report", str(report_path)) == 1
+    status = {e["input"].rsplit("/", 1)[-1]: e for e in json.loads(report_path.read_text())["files"]}
+    assert status["good.tif"]["status"] == "ok" and status["damaged.tif"]["status"] == "failed"
+    assert re.fullmatch(r"damaged\.tif: its blocks at rows \d+-\d+, columns \d+-\d+ cannot be read "
+                        r"\(RasterioIOError: Read failed\. \(damaged\.tif, band \d: .+\)\)", status["damaged.tif"]["error"])
 
 
 def test_the_report_says_how_much_of_the_run_the_model_was_busy(tmp_path, make_workflow, capsys):
