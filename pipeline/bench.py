@@ -419,7 +419,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.runner import batch_parts, resolve_tiling, run_workflow
     from pipeline.sink import resolve_compression, resolve_finishers, start_finishers
     from pipeline.thread_cpu import ThreadCpu
-    from pipeline.windows import read_slices
+    from pipeline.windows import part_slices
     from unet_flax.checkpoint import file_sha256, read_card
 
     wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
@@ -448,7 +448,7 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
               "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
-              "read_parts": len(read_slices(wf.tiling.batch, batch_parts(wf))) if readers else 1,
+              "read_parts": len(part_slices(wf.tiling.batch, batch_parts(wf))) if readers else 1,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
               "checksum_wait_s": report.checksum_wait_s,

@@ -1,7 +1,7 @@
 """Chunks that neighbouring reads share through their halos, decoded once for all of a
 worker's reader processes.
 
-A read (a batch's part, :func:`pipeline.windows.read_slices`: a column of a batch's block of
+A read (a batch's part, :func:`pipeline.windows.part_slices`: a column of a batch's block of
 tiles) reaches ``halo`` pixels past its tiles' cores, so the chunks along an edge between two
 reads are read by both (by four at a corner). Reader processes keep no chunk from one read to
 the next (:func:`pipeline.reading._read_into`), so each of those would be decoded once per read:

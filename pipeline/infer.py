@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.io import packed_shape
-from pipeline.windows import READ_SLICES, TileSpec
+from pipeline.windows import MOST_PARTS, TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
 from unet_flax.model import fold_batch_norm
 
@@ -97,14 +97,14 @@ def resolve_readers(readers: int | str, threads: int | None = None, backend: str
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
     and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
     up to as many as the worker's ``threads`` read at once: each thread waits for its own
-    batch's read, in at most :data:`~pipeline.windows.READ_SLICES` parts side by side
+    batch's read, in at most :data:`~pipeline.windows.MOST_PARTS` parts side by side
     (:func:`~pipeline.windows.parts_per_batch`)."""
     if readers != "auto":
         return int(readers)
     if (backend or jax.default_backend()) == "cpu":
         return 0
     cores = os.cpu_count() or 1
-    return min(cores, threads * READ_SLICES) if threads else cores
+    return min(cores, threads * MOST_PARTS) if threads else cores
 
 
 def device_description() -> str:

@@ -8,7 +8,7 @@ A worker's threads share one cache of decoded chunks (:data:`CHUNKS`). On a CPU 
 enough: the model is the cost. On an accelerator the host is the cost, and one Python process
 reads no more than about 48 Mpx/s of 4-band uint16 tiles however many threads it runs (the
 GIL; 164 Mpx/s in 16 processes, on a 16-core H200 host). There a :func:`reader_pool` reads
-each batch in child processes, in parts side by side (:func:`pipeline.windows.read_slices`:
+each batch in child processes, in parts side by side (:func:`pipeline.windows.part_slices`:
 up to 8; of a batch of 64, a column of 8 tiles each), so that a few batches in flight keep
 every reader busy and the memory of a run follows the batches in flight, not the readers.
 Each part is read
@@ -44,7 +44,7 @@ from pipeline.chunks import ChunkCache, ChunkReader, ChunkUsers
 from pipeline.halos import ChunkStores, SharedChunks
 from pipeline.io import pack_valid, packed_shape, read_tile, wire_dtype
 from pipeline.stitch import core_mask
-from pipeline.windows import Tile, read_slices, source_window
+from pipeline.windows import Tile, part_slices, source_window
 
 LOG = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def read_elsewhere(pool: concurrent.futures.ProcessPoolExecutor, path: str, tile
     planner chose): the same batch, read beside this process's GIL into shared memory of its
     own, which this process maps (no copy) and which lasts as long as the batch. Where it
     cannot be shared, the batch is read here. It is read in (at most) ``parts`` parts side by
-    side (:func:`pipeline.windows.read_slices`); with ``users`` (its plan's, counting those
+    side (:func:`pipeline.windows.part_slices`); with ``users`` (its plan's, counting those
     parts), the chunks other reads need too are decoded once for all of them (:data:`STORES`)."""
     shape, dtype = (len(tiles), len(bands), read_size, read_size), np.dtype(dtype)
     buffer = _new_buffer(shape, dtype)
@@ -288,7 +288,7 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
                  tiles: Sequence[Tile], bands: Sequence[int], read_size: int, key: Hashable,
                  dtype: np.dtype, users: ChunkUsers | None, parts: int) -> BatchInputs:
     """The batch read into ``buffer`` by ``parts`` readers side by side, a part each
-    (:func:`pipeline.windows.read_slices`), or here where there is none (or the readers could not
+    (:func:`pipeline.windows.part_slices`), or here where there is none (or the readers could not
     open an earlier one)."""
     if buffer is None or _UNSHARED:
         return read_tiles(path, tiles, bands, read_size, key, dtype=dtype)
@@ -296,7 +296,7 @@ def _read_shared(pool: concurrent.futures.ProcessPoolExecutor, buffer: SharedBat
     try:
         with STORES.lend(key, users) as store:
             results = _read_parts(pool, [(buffer.path, buffer.shape, dtype, path, tiles[part], tuple(bands),
-                                          read_size, key, store, part.start) for part in read_slices(len(tiles), parts)])
+                                          read_size, key, store, part.start) for part in part_slices(len(tiles), parts)])
     except BrokenProcessPool:
         children.drop(pool)
         raise

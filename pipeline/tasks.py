@@ -66,7 +66,7 @@ class BatchJob:
     than once (:mod:`pipeline.halos`)."""
     parts: int = 1
     """Reader processes read the batch in (at most) this many parts side by side
-    (:func:`pipeline.windows.read_slices`; planned by :func:`pipeline.windows.parts_per_batch`)."""
+    (:func:`pipeline.windows.part_slices`; planned by :func:`pipeline.windows.parts_per_batch`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,32 +178,32 @@ def batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-READ_SLICES = 8
+MOST_PARTS = 8
 """Most parts a batch's read is split into, for as many reader processes at once."""
 
-SLICE_TILES = 4
+PART_TILES = 4
 """Fewest tiles in a part: each is a task of its own, and the chunks along its edges are read
 from the store of shared chunks rather than from its reader's own."""
 
 
-def read_slices(count: int, parts: int = READ_SLICES) -> list[slice]:
+def part_slices(count: int, parts: int = MOST_PARTS) -> list[slice]:
     """A batch of ``count`` tiles cut into consecutive parts of nearly equal size that reader
-    processes read side by side: ``parts``, at most :data:`READ_SLICES`, none under
-    :data:`SLICE_TILES` tiles unless the batch is. A batch of 64 tiles, 8 x 8 taken column by
+    processes read side by side: ``parts``, at most :data:`MOST_PARTS`, none under
+    :data:`PART_TILES` tiles unless the batch is. A batch of 64 tiles, 8 x 8 taken column by
     column (:func:`tile_batches`), is read a column of 8 tiles per part in 8 parts."""
-    parts = max(1, min(parts, READ_SLICES, count // SLICE_TILES))
+    parts = max(1, min(parts, MOST_PARTS, count // PART_TILES))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def read_parts(groups: Sequence[Sequence[Tile]], parts: int = READ_SLICES) -> list[Sequence[Tile]]:
-    """Every batch of ``groups`` cut into (at most) ``parts`` (:func:`read_slices`): the reads
+def read_parts(groups: Sequence[Sequence[Tile]], parts: int = MOST_PARTS) -> list[Sequence[Tile]]:
+    """Every batch of ``groups`` cut into (at most) ``parts`` (:func:`part_slices`): the reads
     reader processes make, in order."""
-    return [group[part] for group in groups for part in read_slices(len(group), parts)]
+    return [group[part] for group in groups for part in part_slices(len(group), parts)]
 
 
 def parts_per_batch(readers: int, threads: int) -> int:
     """Parts each batch's read is cut into where a worker's ``threads`` each wait for their own
     batch: enough for them to keep its ``readers`` busy, and no more, since each part costs its
     reader more (the chunks it shares with the next part go through the store)."""
-    return max(1, min(READ_SLICES, readers // max(threads, 1)))
+    return max(1, min(MOST_PARTS, readers // max(threads, 1)))

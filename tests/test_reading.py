@@ -24,7 +24,7 @@ from pipeline import reading, tasks
 from pipeline.errors import InputError
 from pipeline.chunks import ChunkReader
 from pipeline.infer import resolve_readers
-from pipeline.windows import READ_SLICES, source_window, tile_batches, tile_spec
+from pipeline.windows import MOST_PARTS, source_window, tile_batches, tile_spec
 
 UINT16 = np.dtype(np.uint16)
 FLOAT32 = np.dtype(np.float32)
@@ -55,9 +55,9 @@ def test_a_reader_process_reads_the_batch_the_worker_would(tmp_path, dtype, noda
     for tiles in tile_batches(90, 70, spec, batch):  # 9 tiles: batches of 4 end with one of 1
         here = reading.read_tiles(path, tiles, [1, 2, 3, 4], spec.read_size)
         there = reading.read_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key, dtype=np.dtype(dtype),
-                                       parts=READ_SLICES)
+                                       parts=MOST_PARTS)
         with reading.lend_elsewhere(pool, path, tiles, [1, 2, 3, 4], spec.read_size, key,
-                                    dtype=np.dtype(dtype), parts=READ_SLICES) as lent:
+                                    dtype=np.dtype(dtype), parts=MOST_PARTS) as lent:
             for batch in (there, lent):
                 assert batch.x.dtype == here.x.dtype == np.dtype(dtype)  # the input's own values
                 np.testing.assert_array_equal(batch.x, here.x)
@@ -280,7 +280,7 @@ def alive(pid):
 def test_readers_resolve_by_backend():
     assert resolve_readers("auto", backend="cpu") == 0
     assert resolve_readers("auto", backend="gpu") == os.cpu_count()
-    assert resolve_readers("auto", threads=1, backend="gpu") == min(READ_SLICES, os.cpu_count())  # one batch's parts
+    assert resolve_readers("auto", threads=1, backend="gpu") == min(MOST_PARTS, os.cpu_count())  # one batch's parts
     assert resolve_readers("auto", threads=10**6, backend="gpu") == os.cpu_count()
     assert resolve_readers(3, threads=1, backend="gpu") == 3
     assert reading.reader_pool(0) is None

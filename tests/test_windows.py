@@ -10,11 +10,11 @@ from pipeline.windows import (
     batch_band_rows,
     batches,
     core_blocks,
-    READ_SLICES,
-    SLICE_TILES,
+    MOST_PARTS,
+    PART_TILES,
     parts_per_batch,
     plan_tiles,
-    read_slices,
+    part_slices,
     reflect_indices,
     reflect_pads,
     seamless_halo,
@@ -111,18 +111,18 @@ def test_a_batch_is_the_squarest_block_that_divides_it(batch, rows):
 
 
 @given(count=st.integers(1, 600), most=st.integers(1, 20))
-def test_a_batchs_read_slices_are_consecutive_nearly_equal_parts_of_it(count, most):
-    parts = read_slices(count, most)
+def test_a_batchs_part_slices_are_consecutive_nearly_equal_parts_of_it(count, most):
+    parts = part_slices(count, most)
     assert [i for part in parts for i in range(count)[part]] == list(range(count))
     sizes = {part.stop - part.start for part in parts}
     assert max(sizes) - min(sizes) <= 1
-    assert len(parts) <= min(most, READ_SLICES)
-    assert len(parts) == 1 or min(sizes) >= SLICE_TILES
-    assert len(parts) == min(most, READ_SLICES, max(1, count // SLICE_TILES))
+    assert len(parts) <= min(most, MOST_PARTS)
+    assert len(parts) == 1 or min(sizes) >= PART_TILES
+    assert len(parts) == min(most, MOST_PARTS, max(1, count // PART_TILES))
 
 
 @pytest.mark.parametrize("readers, threads, parts", [(16, 2, 8), (16, 4, 4), (16, 16, 1), (2, 16, 1), (0, 2, 1),
-                                                     (64, 2, READ_SLICES), (12, 5, 2)])
+                                                     (64, 2, MOST_PARTS), (12, 5, 2)])
 def test_a_batch_is_cut_into_as_many_parts_as_keep_the_readers_busy(readers, threads, parts):
     assert parts_per_batch(readers, threads) == parts
 
@@ -130,7 +130,7 @@ def test_a_batch_is_cut_into_as_many_parts_as_keep_the_readers_busy(readers, thr
 def test_a_batch_of_64_is_read_a_column_of_its_block_per_slice():
     spec = tile_spec(16, 4, 4)
     group = tile_batches(16 * 8, 16 * 8, spec, 64)[0]
-    columns = [grid_cells(group[part], 16) for part in read_slices(len(group))]
+    columns = [grid_cells(group[part], 16) for part in part_slices(len(group))]
     assert columns == [{(r, c) for r in range(8)} for c in range(8)]
 
 
