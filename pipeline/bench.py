@@ -668,8 +668,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
              f"{report['end_to_end']['host_over_model_only']:.2f}x model only")
 
         report["memory"] = _memory(work, opts, cfg, spec, batch, cache, precision)
-        echo(f"peak RSS {report['memory']['small']['size']}^2: {report['memory']['small']['peak_rss_mb']:.0f} MB, "
-             f"{report['memory']['large']['size']}^2: {report['memory']['large']['peak_rss_mb']:.0f} MB")
+        echo(_memory_line(report["memory"]))
         report["targets"] = targets(report)
         report["load_average_end"] = list(os.getloadavg())
         return report

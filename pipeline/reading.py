@@ -148,7 +148,7 @@ def start_readers(processes: int) -> frozenset[int]:
 class SharedBatch:
     """Memory a reader process writes a batch into and this process maps: an anonymous file
     (``memfd``, so no name is ever left behind) that readers open through ``/proc``. It holds
-    the batch's values, then where they are valid (:func:`_views`)."""
+    the batch's values, then where they are valid (:func:`_map_tiles`)."""
 
     fd: int
     shape: tuple[int, ...]
@@ -178,8 +178,7 @@ class SharedBatch:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """This process's (read-only) mapping of the values and the validity, made on first
         use and kept."""
-        memory = mmap.mmap(self.fd, _size(self.shape, self.dtype), mmap.MAP_SHARED, mmap.PROT_READ)
-        return _views(memory, self.shape, self.dtype)
+        return _map_tiles(self.fd, self.shape, self.dtype, 0, self.shape[0])
 
     def close(self) -> None:
         """Close the file; its memory goes with the last view of :attr:`arrays`."""
@@ -189,13 +188,6 @@ class SharedBatch:
 def _size(shape: tuple[int, ...], dtype: np.dtype) -> int:
     """Bytes of a batch of ``shape`` values of ``dtype`` and its validity (as bits)."""
     return math.prod(shape) * dtype.itemsize + math.prod(packed_shape(shape[0], shape[-1]))
-
-
-def _views(memory: mmap.mmap, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The values (``shape``, ``dtype``) and validity bits (tiles, S, S / 8) laid out in ``memory``."""
-    values, packed = math.prod(shape), packed_shape(shape[0], shape[-1])
-    return (np.frombuffer(memory, dtype, values).reshape(shape),
-            np.frombuffer(memory, np.uint8, math.prod(packed), offset=values * dtype.itemsize).reshape(packed))
 
 
 class BatchBuffers:
@@ -391,7 +383,7 @@ def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, 
     except OSError as exc:
         raise NoSharedBatch(f"{target}: {exc.strerror}") from None
     try:
-        memories, (x, valid) = _map_part(fd, shape, dtype, start, start + len(tiles))
+        x, valid = _map_tiles(fd, shape, dtype, start, start + len(tiles), writable=True)
     finally:
         os.close(fd)
     decoded = CHUNKS.misses
@@ -399,9 +391,7 @@ def _read_into(target: str, shape: tuple[int, ...], dtype: np.dtype, path: str, 
         masks = read_tiles(path, tiles, bands, read_size, key, out=x, valid=valid, keep=False, shared=shared,
                            src=src).masks
         decoded = CHUNKS.misses - decoded - (shared.copied if shared is not None else 0)
-    del x, valid
-    for memory in memories:
-        memory.close()  # after an error, the traceback's frames hold views of them: they go with those
+    del x, valid  # and with them their mappings (after an error, with the traceback's frames)
     return tuple(None if m.all() else m for m in masks), decoded
 
 
@@ -430,22 +420,24 @@ def _held_open(path: str, key: Hashable) -> Iterator[rasterio.DatasetReader]:
         _HELD.append((path, key, src))
 
 
-def _map_part(fd: int, shape: tuple[int, ...], dtype: np.dtype, start: int,
-              stop: int) -> tuple[tuple[mmap.mmap, ...], tuple[np.ndarray, np.ndarray]]:
-    """Tiles ``start:stop`` of the values and validity of a :class:`SharedBatch` of ``shape``
-    (laid out as :func:`_views` says), each region mapped alone, with its pages at once
-    (writing through faults would take ~45 ms a batch; mapping the whole batch in each of its
-    parts would populate it once per part)."""
+def _map_tiles(fd: int, shape: tuple[int, ...], dtype: np.dtype, start: int, stop: int,
+               writable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles ``start:stop`` of a :class:`SharedBatch` of ``shape``: their values (``dtype``),
+    and where they are valid (bits, :func:`pipeline.io.pack_valid`), which follow the values of
+    every tile. Each region is mapped alone, read-only, or (``writable``, a reader's part)
+    with its pages at once: writing through faults would take ~45 ms a batch, and mapping the
+    whole batch in each part would populate it once per part. The mappings go with the arrays."""
     tile_values = math.prod(shape[1:]) * dtype.itemsize
     tile_bits = math.prod(packed_shape(1, shape[-1]))
     n = stop - start
     regions = ((start * tile_values, n * tile_values, dtype, (n, *shape[1:])),
                (shape[0] * tile_values + start * tile_bits, n * tile_bits, np.dtype(np.uint8),
                 packed_shape(n, shape[-1])))
-    memories, arrays = [], []
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    arrays = []
     for offset, size, kind, part_shape in regions:
         skip = offset % mmap.ALLOCATIONGRANULARITY
-        memory = mmap.mmap(fd, skip + size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=offset - skip)
-        memories.append(memory)
+        memory = mmap.mmap(fd, skip + size, flags, prot, offset=offset - skip)
         arrays.append(np.frombuffer(memory, kind, size // kind.itemsize, offset=skip).reshape(part_shape))
-    return tuple(memories), (arrays[0], arrays[1])
+    return arrays[0], arrays[1]

@@ -26,7 +26,6 @@ import dataclasses
 import datetime as dt
 import fnmatch
 import logging
-import os
 import statistics
 import time
 import uuid
@@ -42,7 +41,7 @@ from pipeline import interrupts, outputs, reading
 from pipeline.chunks import ChunkGrid, chunk_users
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError, one_line
-from pipeline.infer import backend_of, resolve_batch
+from pipeline.infer import backend_of, resolve_batch, resolve_readers
 from pipeline.io import (
     GdalPath,
     InputPath,
@@ -225,11 +224,10 @@ def plan_file(path: Path, wf: Workflow, model: ModelRef, spec: TileSpec) -> File
 
 def batch_parts(wf: Workflow) -> int:
     """Parts reader processes read each batch of ``wf`` in (:func:`~pipeline.windows.parts_per_batch`),
-    its readers ``auto`` taken as on an accelerator, one per core of this machine: on CPU there
-    are none, and the parts do not matter. On an existing cluster this machine's cores and
+    its readers ``auto`` taken as on an accelerator (:func:`~pipeline.infer.resolve_readers`): on
+    CPU there are none, and the parts do not matter. On an existing cluster this machine's cores and
     ``dask.threads`` stand for the workers' (a wrong guess costs speed, never a pixel)."""
-    readers = (os.cpu_count() or 1) if wf.runtime.readers == "auto" else wf.runtime.readers
-    return parts_per_batch(readers, wf.dask.threads)
+    return parts_per_batch(resolve_readers(wf.runtime.readers, wf.dask.threads, backend="gpu"), wf.dask.threads)
 
 
 def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict[str, str]:
