@@ -506,7 +506,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel
-    from unet_flax.xla_flags import cpu_features, ynn_convolutions
+    from unet_flax.xla_flags import cpu_features, eigen_width, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
@@ -525,7 +525,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
                       "flops_per_pixel": fpp, "precision": precision,
-                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen"},
+                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen",
+                      "eigen_width": eigen_width(jax.default_backend(), precision)},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
         }
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
@@ -1052,6 +1053,8 @@ def format_table(report: dict[str, Any]) -> str:
                   f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
                   f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}"
                   + (f", CPU convolutions by {report['model']['cpu_convolutions']}"
+                     + (f" (Eigen from {report['model']['eigen_width']} channels)"
+                        if report["model"].get("eigen_width") else "")
                      if report["backend"] == "cpu" else "")),
         ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} "
                   f"(read {report['tiling']['read_size']}), batch {report['batch']['value']}"

@@ -20,8 +20,8 @@ no arithmetic on them, and the normaliser's gain and bias are arguments, not con
 device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
 one tile's activations stay in the CPU's caches, which measured faster than the batched
 pass on the development machine, and tilepipe starts one CPU device per core
-(:mod:`unet_flax.xla_flags`) so each core works on its own tile. Accelerators take the
-batch at once.
+(:mod:`unet_flax.xla_flags`) so each core works on its own tile; where YNNPACK runs its
+convolutions, Eigen runs the wide ones (``eigen_width``). Accelerators take the batch at once.
 :func:`auto_batch` finds the largest batch that still speeds the forward pass up and
 remembers it next to the compilation cache.
 """
@@ -50,6 +50,7 @@ from pipeline.io import packed_shape
 from pipeline.windows import MOST_PARTS, TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
 from unet_flax.model import fold_batch_norm
+from unet_flax.xla_flags import eigen_width
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
@@ -163,13 +164,14 @@ class Predictor:
         codes = jnp.asarray(checkpoint.card.codes)
         lo, hi = spec.halo, spec.halo + spec.tile
         dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
+        self.eigen_width = wide = eigen_width(backend, self.precision)
 
         def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
             valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
-            logits = model(x, dtype=dtype)[:, lo:hi, lo:hi, :]
+            logits = model(x, dtype=dtype, eigen_width=wide)[:, lo:hi, lo:hi, :]
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
                 probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

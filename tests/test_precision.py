@@ -17,7 +17,14 @@ from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
 
 from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm
-from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, YNN_CONVOLUTIONS_ON, apply_default_xla_flags, cpu_features
+from unet_flax.xla_flags import (
+    EIGEN_WIDTH,
+    YNN_CONVOLUTIONS_OFF,
+    YNN_CONVOLUTIONS_ON,
+    apply_default_xla_flags,
+    cpu_features,
+    eigen_width,
+)
 
 
 def test_auto_precision_is_bfloat16_on_accelerators_only():
@@ -115,7 +122,10 @@ def test_forward_equals_the_plain_layers(depth, width, bands, size, exact_float3
     randomise_batch_stats(model, depth)
     model.eval()
     x = jax.random.normal(jax.random.key(depth), (2, size, size, bands))
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain_forward(model, x)), rtol=1e-4, atol=1e-4)
+    plain = np.asarray(plain_forward(model, x))
+    np.testing.assert_allclose(np.asarray(model(x)), plain, rtol=1e-4, atol=1e-4)
+    # the wider blocks' convolutions steered to Eigen: one row taller, then cut back
+    np.testing.assert_allclose(np.asarray(model(x, eigen_width=2 * width)), plain, rtol=1e-4, atol=1e-4)
     bf16 = np.asarray(model(x, dtype=jnp.bfloat16))
     assert bf16.dtype == np.float32
     assert (bf16.argmax(-1) == np.asarray(plain_forward(model, x)).argmax(-1)).mean() >= 0.98
@@ -204,6 +214,39 @@ def test_convolutions_go_to_the_library_measured_faster_on_the_cpu(features, cho
     mine = {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}  # the user's choice wins on any CPU
     apply_default_xla_flags(mine, cores=2, features=frozenset(features))
     assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2"
+
+
+def test_wide_convolutions_run_outside_ynnpack_where_it_takes_the_others():
+    """Guards the trick :func:`unet_flax.xla_flags.eigen_width` relies on, whatever this CPU:
+    a later XLA that gave YNNPACK taller outputs too would fail here."""
+    model = create_unet(UNetConfig(in_bands=3, num_classes=4, depth=2, base_width=32))  # blocks 32, 64, 128 wide
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, eigen_width=64)
+
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    hlo = jax.jit(forward).lower(state, x).compile(
+        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}).as_text()
+    entry = hlo[hlo.index("\nENTRY "):]
+    # 5 convolutions 32 wide (2 down, 3 up: the two halves and conv2) to YNNPACK; 7 to Eigen
+    # (64 wide: 2 down and 3 up; the bottleneck's 2), each one row taller than its input
+    assert entry.count("kind=kCustom") == 5
+    steered = [line for line in entry.splitlines() if " convolution(" in line]
+    assert len(steered) == 7 and all("pad=1_2x1_1" in line for line in steered)
+
+
+@pytest.mark.parametrize("platform,dtype,environ,width", [
+    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, EIGEN_WIDTH),
+    ("cpu", "float32", {}, EIGEN_WIDTH),  # XLA's own default is YNNPACK's convolutions
+    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}, None),  # Eigen runs them all already
+    ("cpu", "bfloat16", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, None),  # YNNPACK takes no bfloat16 convolution
+    ("gpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, None),
+    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON, "TILEPIPE_XLA_DEFAULTS": "0"}, None),
+])
+def test_eigen_takes_the_wide_convolutions_only_where_ynnpack_runs_the_others(platform, dtype, environ, width):
+    assert eigen_width(platform, dtype, environ) == width
 
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):

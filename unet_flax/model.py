@@ -10,6 +10,8 @@ first convolution over ``concat([up, skip])`` is computed as the sum of two conv
 over its kernel's halves, so the concatenation is never written; the 2x2 stride-2
 transposed convolution is one matrix multiply followed by depth-to-space (XLA's
 ``conv_transpose`` computes on a zero-dilated input); max-pooling is a reshape and max.
+Where XLA hands convolutions to YNNPACK, the wide ones (``eigen_width`` channels and more)
+go to Eigen's instead, which is faster there (see :mod:`unet_flax.xla_flags`).
 The parameter tree is that of the plain layers, so checkpoints do not depend on this, and
 tests check the forward against the plain layers. ``dtype`` is the compute dtype
 (parameters stay float32 and are cast in the forward; batch-norm statistics and the logits
@@ -48,10 +50,16 @@ def flops_per_pixel(config: UNetConfig) -> int:
     return int(round(total))
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
-    """A 3x3 'SAME' convolution without bias, computed in ``dtype``."""
-    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv3x3(x: jax.Array, kernel: jax.Array, dtype, eigen: bool = False) -> jax.Array:
+    """A 3x3 'SAME' convolution without bias, computed in ``dtype``; with ``eigen``, by XLA's
+    Eigen convolution even where YNNPACK takes convolutions."""
+    if not eigen:
+        return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # XLA gives YNNPACK no convolution whose output is taller than its input: one row more, dropped.
+    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), ((1, 2), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y[:, :-1]
 
 
 def _upsample(conv: nnx.ConvTranspose, x: jax.Array, dtype) -> jax.Array:
@@ -101,19 +109,26 @@ class ConvBlock(nnx.Module):
         self.conv2 = nnx.Conv(out_features, out_features, (3, 3), use_bias=False, rngs=rngs)
         self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
 
-    def __call__(self, x: jax.Array, skip: jax.Array | None = None, *, dtype=jnp.float32) -> jax.Array:
+    def __call__(self, x: jax.Array, skip: jax.Array | None = None, *, dtype=jnp.float32,
+                 eigen: bool = False) -> jax.Array:
         """The block on ``x``, or on ``concat([x, skip])`` along channels when ``skip`` is given.
 
         The concatenation is not formed: ``conv1`` is applied to each part with its share of
-        the kernel's input channels and the two results are added (the same sum).
+        the kernel's input channels and the two results are added (the same sum). ``eigen``:
+        see :func:`_conv3x3`.
         """
         kernel = self.conv1.kernel[...]
         c = x.shape[-1]
-        y = _conv3x3(x, kernel[:, :, :c], dtype)
+        y = _conv3x3(x, kernel[:, :, :c], dtype, eigen)
         if skip is not None:
-            y = y + _conv3x3(skip, kernel[:, :, c:], dtype)
+            y = y + _conv3x3(skip, kernel[:, :, c:], dtype, eigen)
         x = _norm_relu(self.norm1, y, dtype)
-        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype), dtype)
+        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype, eigen), dtype)
+
+    @property
+    def width(self) -> int:
+        """Channels out."""
+        return self.conv2.out_features
 
 
 class UNet(nnx.Module):
@@ -132,18 +147,23 @@ class UNet(nnx.Module):
         self.up = nnx.List([ConvBlock(2 * widths[i], widths[i], rngs=rngs) for i in reversed(range(config.depth))])
         self.head = nnx.Conv(widths[0], config.num_classes, (1, 1), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
-        """Logits (float32) of NHWC ``x``, computed in ``dtype`` (see the module doc)."""
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32, eigen_width: int | None = None) -> jax.Array:
+        """Logits (float32) of NHWC ``x``, computed in ``dtype``; the convolutions of blocks
+        ``eigen_width`` channels wide or wider by Eigen (see the module doc)."""
         dtype = jnp.dtype(dtype)
         x = x.astype(dtype)
+
+        def eigen(block: ConvBlock) -> bool:
+            return eigen_width is not None and block.width >= eigen_width
+
         skips = []
         for block in self.down:
-            x = block(x, dtype=dtype)
+            x = block(x, dtype=dtype, eigen=eigen(block))
             skips.append(x)
             x = _max_pool(x)
-        x = self.bottleneck(x, dtype=dtype)
+        x = self.bottleneck(x, dtype=dtype, eigen=eigen(self.bottleneck))
         for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
-            x = block(_upsample(upsample, x, dtype), skip, dtype=dtype)
+            x = block(_upsample(upsample, x, dtype), skip, dtype=dtype, eigen=eigen(block))
         head = self.head.kernel[...][0, 0].astype(dtype)
         return jnp.dot(x, head, preferred_element_type=jnp.float32) + self.head.bias[...]
 
