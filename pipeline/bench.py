@@ -1176,16 +1176,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="measure model and end-to-end throughput on this machine")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, help="checkpoint to benchmark (default: a random U-Net of --arch)")
-    src.add_argument("--arch", type=_arch, default=(4, 32, 4, 8), help="depth,width,bands,classes (default 4,32,4,8)")
-    p.add_argument("--size", type=int, default=4096, help="side of the generated scene in pixels (default 4096)")
+    src.add_argument("--arch", type=_arch, help="depth,width,bands,classes (default 4,32,4,8; --quick: 2,8,4,3)")
+    p.add_argument("--size", type=int, help="side of the generated scene in pixels (default 4096; --quick: 512)")
     p.add_argument("--block", type=block_side, default=256,
                    help="the generated scenes' GeoTIFF blocks, pixels on a side, a multiple of 16 (default 256; "
                         "archives' COGs often have 512)")
     p.add_argument("--compress", choices=SCENE_COMPRESSIONS, default="deflate",
                    help="the generated scenes' compression (default deflate)")
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--halo", type=int, default=64)
-    p.add_argument("--batch", type=batch_size, default=8, help="tiles per batch, or auto")
+    p.add_argument("--tile", type=int, help="tile side, pixels written (default 256; --quick: 64)")
+    p.add_argument("--halo", type=int, help="halo, pixels on each side (default 64; --quick: 16)")
+    p.add_argument("--batch", type=batch_size, help="tiles per batch, or auto (default 8; --quick: 4)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
                    help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--threads", type=int, help="dask threads of the end-to-end runs (default: the workflow's)")
@@ -1213,8 +1213,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile-rounds", type=positive,
                    help="cold and warm compile pairs, each over a cache of its own; the median counts "
                         "(default 3, 2 with --quick; 1 where each process start is dear, as on an accelerator)")
-    p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=(2048, 8192),
-                   help="small,large scene sides for the peak-RSS comparison")
+    p.add_argument("--memory-sizes", type=lambda s: tuple(int(v) for v in s.split(",")),
+                   help="small,large scene sides for the peak-RSS comparison (default 2048,8192; --quick: 256,512)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument("--torch", action="store_true", help="compare with the same U-Net in PyTorch (if installed)")
     p.add_argument("--quick", action="store_true", help="tiny model and scene: a smoke test in seconds")
@@ -1244,12 +1244,10 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                   output_level=args.output_level,
                   torch=args.torch, workdir=args.workdir, host_only=args.host_only, host_runs=args.runs,
                   host_memory=args.memory)
-    if args.compile_rounds is not None:
-        common["compile_rounds"] = args.compile_rounds
-    if args.quick:
-        return quick_options(**common)
-    return BenchOptions(arch=args.arch, size=args.size, tile=args.tile, halo=args.halo, batch=args.batch,
-                        memory_sizes=tuple(args.memory_sizes), **common)
+    given = dict(compile_rounds=args.compile_rounds, arch=args.arch, size=args.size, tile=args.tile,
+                 halo=args.halo, batch=args.batch, memory_sizes=args.memory_sizes)
+    common.update((name, value) for name, value in given.items() if value is not None)  # the rest: quick's or the defaults
+    return quick_options(**common) if args.quick else BenchOptions(**common)
 
 
 def main_bench(args: argparse.Namespace) -> int:

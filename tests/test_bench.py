@@ -209,6 +209,13 @@ def test_bench_parser_defaults():
     for bad in ("0", "-1", "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "--compile-rounds", bad])
+    quick = bench.options_from_args(parser.parse_args(["bench", "--quick"]))
+    assert (quick.size, quick.tile, quick.halo, quick.batch, quick.arch) == (512, 64, 16, 4, (2, 8, 4, 3))
+    sized = bench.options_from_args(parser.parse_args(
+        ["bench", "--quick", "--batch", "2", "--size", "256", "--tile", "32", "--halo", "8", "--arch", "2,4,3,2",
+         "--memory-sizes", "128,256"]))  # what is given wins over --quick's sizes too
+    assert (sized.quick, sized.size, sized.tile, sized.halo, sized.batch, sized.arch, sized.memory_sizes) == (
+        True, 256, 32, 8, 2, (2, 4, 3, 2), (128, 256))
 
 
 @pytest.mark.parametrize("block, compress", [(256, "deflate"), (512, "zstd"), (1024, "lzw"), (512, "none")])
