@@ -264,6 +264,8 @@ class ChunkReader:
     key: Hashable
     grid: ChunkGrid
     masked: bool
+    dtype: np.dtype
+    """The dtype the bands are read in: their common type (worked out once: it is asked per chunk)."""
     shared: SharedChunks | None = None
     """Where chunks that other batches read too are decoded once for all (:mod:`pipeline.halos`)."""
 
@@ -275,7 +277,8 @@ class ChunkReader:
         block_rows, block_cols = src.block_shapes[bands[0] - 1]
         masked = not all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
         return cls(src, bands, ChunkCache() if cache is None else cache, key,
-                   ChunkGrid.of(src.width, src.height, block_rows, block_cols), masked)
+                   ChunkGrid.of(src.width, src.height, block_rows, block_cols), masked,
+                   np.result_type(*(src.dtypes[b - 1] for b in bands)))
 
     @property
     def gdal_cache_bytes(self) -> int:
@@ -293,11 +296,6 @@ class ChunkReader:
     def pixel_bytes(self) -> int:
         """Bytes a cached pixel takes: the bands' values, and their masks where GDAL has any."""
         return self.value_bytes + (len(self.bands) if self.masked else 0)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype the bands are read in: their common type."""
-        return np.result_type(*(self.src.dtypes[b - 1] for b in self.bands))
 
     def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The bands of ``window`` (inside the raster), assembled from chunks into ``out``
