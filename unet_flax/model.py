@@ -53,13 +53,11 @@ def flops_per_pixel(config: UNetConfig) -> int:
 def _conv3x3(x: jax.Array, kernel: jax.Array, dtype, eigen: bool = False) -> jax.Array:
     """A 3x3 'SAME' convolution without bias, computed in ``dtype``; with ``eigen``, by XLA's
     Eigen convolution even where YNNPACK takes convolutions."""
-    if not eigen:
-        return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # XLA gives YNNPACK no convolution whose output is taller than its input: one row more, dropped.
-    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), ((1, 2), (1, 1)),
+    padding = ((1, 2), (1, 1)) if eigen else "SAME"
+    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y[:, :-1]
+    return y[:, :-1] if eigen else y
 
 
 def _upsample(conv: nnx.ConvTranspose, x: jax.Array, dtype) -> jax.Array:
