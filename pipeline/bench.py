@@ -6,7 +6,8 @@ One run measures, on one model and one tile setting:
   of output (tile cores) per second at the best timed batch (and at the median one), and
   GFLOP/s against the faster of two float32 matrix multiplies timed in the same process,
   XLA's and NumPy's BLAS, before and after the model (the better sample counts; FLOPs
-  counted analytically, :func:`unet_flax.model.flops_per_pixel`); on CPU also the batch
+  counted analytically as the pass computes them, its decoder for the tiles' cores only,
+  :func:`unet_flax.model.forward_flops`); on CPU also the batch
   taken at once instead of tile by tile, and which library XLA gave the convolutions;
 * **end to end**: ``run_workflow`` over a generated GeoTIFF (uint16 bands, in blocks of 256,
   deflate: ``--block``, ``--compress`` store it as an archive's files are; ``--scenes N``: a
@@ -21,7 +22,7 @@ One run measures, on one model and one tile setting:
 * **compilation**: a cold compile in a fresh process with an empty persistent cache, then a
   second process with the cache the first one filled, in three rounds (the median counts);
 * **precision**: bfloat16 against float32 class agreement (and bfloat16 speed);
-* **halo overhead**: pixels computed per pixel written;
+* **halo overhead**: pixels read per pixel written, and FLOPs computed per FLOP of the cores alone;
 * **PyTorch** (``--torch``, when installed): the same U-Net, eager, channels-last,
   inference mode, timed in the same process on the same batch, both as one batch and tile
   by tile; the faster of the two is what Flax is compared with, once as each one's best
@@ -505,7 +506,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     )
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
-    from unet_flax.model import flops_per_pixel
+    from unet_flax.model import flops_per_pixel, forward_flops
     from unet_flax.xla_flags import cpu_features, eigen_width, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
@@ -517,6 +518,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         cfg = ckpt.card.unet
         spec = tile_spec(opts.tile, opts.halo, cfg.factor)
         fpp = flops_per_pixel(cfg)
+        core = (spec.halo, spec.halo + spec.tile)
+        tile_flops = forward_flops(cfg, (spec.read_size,) * 2, (core, core))  # what the predictor computes
         precision = resolve_precision(opts.precision)
         report: dict[str, Any] = {
             "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
@@ -524,7 +527,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             "cpu_features": sorted(cpu_features() & CPU_FEATURES),
             "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
-                      "flops_per_pixel": fpp, "precision": precision,
+                      "flops_per_pixel": fpp, "flops_per_tile": tile_flops, "precision": precision,
                       "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen",
                       "eigen_width": eigen_width(jax.default_backend(), precision)},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
@@ -587,7 +590,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         # the rate of these cores, not of a moment when something else was running.
         report["matmul"] = best_sample(mm, matmul_rates(n, min(2.0, opts.min_seconds), precision))
         out_px, in_px = batch * spec.tile**2, batch * spec.read_size**2
-        gflops = in_px * fpp / t / 1e9
+        gflops = batch * tile_flops / t / 1e9
         report["model_only"] = {"seconds_per_batch": t, "mpx_per_s": out_px / t / 1e6,
                                 "computed_mpx_per_s": in_px / t / 1e6, "gflops": gflops,
                                 "fraction_of_matmul": gflops / report["matmul"]["gflops"],
@@ -607,11 +610,11 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             echo(f"model only, whole batch at once: {out_px / tb / 1e6:.3f} Mpx/s")
             del batched, xb
 
-        report["precision"] = _precision(ckpt, spec, batch, inputs, reference, precision, opts, fpp)
+        report["precision"] = _precision(ckpt, spec, batch, inputs, reference, precision, opts, tile_flops)
         echo(f"precision: {report['precision']['other']} vs {precision}: class agreement "
              f"{100 * report['precision']['class_agreement']:.3f}%")
 
-        report["torch"] = (_torch(ckpt, inputs, reference, spec, opts, fpp, precision,
+        report["torch"] = (_torch(ckpt, inputs, reference, spec, opts, tile_flops, precision,
                                   flax=lambda: jax.block_until_ready(predictor.forward(x)))
                            if opts.torch else {"available": None})
         if opts.torch and report["torch"].get("available"):
@@ -621,7 +624,9 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
         tiles = plan_tiles(opts.size, opts.size, spec)
         report["halo"] = {"nominal": spec.read_size**2 / spec.tile**2,
-                          "measured": len(tiles) * spec.read_size**2 / opts.size**2}
+                          "measured": len(tiles) * spec.read_size**2 / opts.size**2,
+                          # what the halo costs in FLOPs: the decoder computes little of it
+                          "flops": tile_flops / (fpp * spec.tile**2)}
 
         # End to end, in a child process whose tree's memory is sampled.
         e2e = _run_e2e(work, "e2e", scene_dir, checkpoint, spec, batch, cache, precision, opts)
@@ -783,7 +788,7 @@ def _scene_batch(scene: Path, spec: Any, batch: int, card: Any) -> tuple[np.ndar
 
 
 def _precision(ckpt: Any, spec: Any, batch: int, inputs: tuple, reference: np.ndarray, precision: str,
-               opts: BenchOptions, fpp: int) -> dict[str, Any]:
+               opts: BenchOptions, tile_flops: int) -> dict[str, Any]:
     """The other precision on the same batch: class agreement with ``reference`` (the classes
     at ``precision``, already computed) and its speed."""
     import jax
@@ -797,11 +802,11 @@ def _precision(ckpt: Any, spec: Any, batch: int, inputs: tuple, reference: np.nd
     seconds = _best_time(lambda: jax.block_until_ready(p.forward(x)), opts.min_seconds / 2, min_runs=2)
     return {"compute": precision, "other": other, "class_agreement": agreement,
             "other_mpx_per_s": batch * spec.tile**2 / seconds / 1e6,
-            "other_gflops": batch * spec.read_size**2 * fpp / seconds / 1e9}
+            "other_gflops": batch * tile_flops / seconds / 1e9}
 
 
 def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: BenchOptions,
-           fpp: int, precision: str, flax: Any) -> dict[str, Any]:
+           tile_flops: int, precision: str, flax: Any) -> dict[str, Any]:
     """The PyTorch twin on the same batch: eager, channels-last, inference mode, in the same
     precision, on the GPU when JAX runs on one; timed as one batch and tile by tile, the
     faster being its figure; then in that way in rounds paired with ``flax`` (the Flax batch's
@@ -820,14 +825,15 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     values, valid, normaliser = inputs
     x = torch_input(net, np.array(normalise(values, unpack_valid(valid, values.shape[-1]), *normaliser.gain_bias)))
     tiles = [x[i:i + 1] for i in range(len(x))]
-    lo, hi = spec.halo, spec.halo + spec.tile
-    classes = torch_classes(net, x).cpu().numpy()[:, lo:hi, lo:hi]
-    codes = ckpt.card.codes[classes]
+    core = (spec.halo, spec.halo + spec.tile)
+    core = (core, core)
+    codes = ckpt.card.codes[torch_classes(net, x, core).cpu().numpy()]
+
     def whole() -> Any:
-        return torch_classes(net, x)
+        return torch_classes(net, x, core)
 
     def by_tile() -> Any:
-        return [torch_classes(net, tile) for tile in tiles]
+        return [torch_classes(net, tile, core) for tile in tiles]
 
     batch_t, tile_t = _best_time(whole, opts.min_seconds), _best_time(by_tile, opts.min_seconds)
     t = min(batch_t, tile_t)
@@ -842,7 +848,7 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
             "seconds_per_batch": t, "mpx_per_s": n * spec.tile**2 / t / 1e6,
             "batch_mpx_per_s": n * spec.tile**2 / batch_t / 1e6,
             "tile_by_tile_mpx_per_s": n * spec.tile**2 / tile_t / 1e6,
-            "gflops": n * spec.read_size**2 * fpp / t / 1e9,
+            "gflops": n * tile_flops / t / 1e9,
             "class_agreement_with_flax": float((codes == reference[:n]).mean()), "paired": paired}
 
 
@@ -1051,7 +1057,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("device", _device(report)),
         ("model", f"depth {report['model']['depth']}, width {report['model']['base_width']}, "
                   f"{report['model']['in_bands']} bands, {report['model']['num_classes']} classes, "
-                  f"{report['model']['flops_per_pixel']:,} FLOP/px, {report['model']['precision']}"
+                  f"{report['model']['flops_per_pixel']:,} FLOP/px ({report['model']['flops_per_tile'] / 1e9:.1f} GFLOP "
+                  f"a tile, the decoder on its core), {report['model']['precision']}"
                   + (f", CPU convolutions by {report['model']['cpu_convolutions']}"
                      + (f" (Eigen from {report['model']['eigen_width']} channels)"
                         if report["model"].get("eigen_width") else "")
@@ -1106,8 +1113,9 @@ def format_table(report: dict[str, Any]) -> str:
                     + ", ".join(f"x{r['warm_s'] / r['cold_s']:.2f}" for r in c["rounds"])
                     + f"; of which tracing and lowering {c['cold_lower_s']:.2f} / "
                     f"{c['warm_lower_s']:.2f} s, XLA {c['cold_xla_s']:.2f} / {c['warm_xla_s']:.2f} s)"),
-        ("halo", f"{report['halo']['nominal']:.2f} px computed per px written "
-                 f"({report['halo']['measured']:.2f} on this scene)"),
+        ("halo", f"{report['halo']['nominal']:.2f} px read per px written "
+                 f"({report['halo']['measured']:.2f} on this scene); {report['halo']['flops']:.2f}x the FLOPs "
+                 "of the cores alone (the decoder computes little of the halo)"),
         ("precision", f"{p['other']} vs {p['compute']}: {100 * p['class_agreement']:.3f}% classes agree; "
                       f"{p['other']} {p['other_mpx_per_s']:.3f} Mpx/s"),
     ]

@@ -171,7 +171,7 @@ class Predictor:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
             valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
-            logits = model(x, dtype=dtype, eigen_width=wide)[:, lo:hi, lo:hi, :]
+            logits = model(x, dtype=dtype, eigen_width=wide, core=((lo, hi), (lo, hi)))  # the decoder works for the cores only
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
                 probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

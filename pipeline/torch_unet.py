@@ -3,7 +3,9 @@
 PyTorch is an optional extra, imported only here and only when the comparison is asked
 for. The module mirrors :class:`unet_flax.model.UNet` layer by layer and is filled from
 a Flax model's parameters, so both compute the same function (checked by the bench as
-class agreement). Eval mode: batch norm uses its running statistics.
+class agreement), and like it computes the decoder only where logits on a ``core`` need it
+(:func:`unet_flax.model.decoder_regions`): the same work in both. Eval mode: batch norm uses
+its running statistics.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_flax.model import UNet, UNetConfig
+from unet_flax.model import Region, UNet, UNetConfig, decoder_regions, grow
 
 
 def torch_available() -> bool:
@@ -46,16 +48,38 @@ def build_torch_unet(config: UNetConfig) -> Any:
             self.head = nn.Conv2d(w[0], config.num_classes, 1)
             self.pool = nn.MaxPool2d(2)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, core: Region | None = None) -> torch.Tensor:
+            """Logits on ``core`` (rows, columns; default: all of ``x``)."""
+            outs, ins = decoder_regions(config.depth, tuple(x.shape[2:]), whole(x) if core is None else core)
             skips = []
             for block in self.down:
                 x = block(x)
                 skips.append(x)
                 x = self.pool(x)
-            x = self.bottleneck(x)
-            for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
-                x = block(torch.cat([upsample(x), skip], dim=1))
+            x = cropped_block(self.bottleneck, x, whole(x), outs[-1])
+            for upsample, block, skip, below, held, out in zip(self.upsample, self.up, reversed(skips),
+                                                             reversed(outs[1:]), reversed(ins), reversed(outs[:-1])):
+                up = crop(upsample(x), tuple((2 * lo, 2 * hi) for lo, hi in below), held)
+                x = cropped_block(block, torch.cat([up, crop(skip, whole(skip), held)], dim=1), held, out)
             return self.head(x)
+
+    def whole(x: torch.Tensor) -> Region:
+        return (0, x.shape[2]), (0, x.shape[3])
+
+    def crop(x: torch.Tensor, held: Region, region: Region) -> torch.Tensor:
+        (r0, r1), (c0, c1) = region
+        (h0, _), (w0, _) = held
+        return x[:, :, r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
+
+    def cropped_conv(conv: nn.Conv2d, x: torch.Tensor, held: Region, out: Region) -> torch.Tensor:
+        """As the Flax pass does it: zero-padded on the window around ``out``, then cropped."""
+        window = grow(out, 1, held)
+        return crop(conv(crop(x, held, window)), window, out)
+
+    def cropped_block(block: nn.Sequential, x: torch.Tensor, held: Region, out: Region) -> torch.Tensor:
+        middle = grow(out, 1, held)
+        x = block[2](block[1](cropped_conv(block[0], x, held, middle)))
+        return block[5](block[4](cropped_conv(block[3], x, middle, out)))
 
     return TorchUNet()
 
@@ -107,13 +131,13 @@ def torch_input(net: Any, x: np.ndarray) -> Any:
     return torch.from_numpy(x).to(device=param.device, dtype=param.dtype).contiguous(memory_format=torch.channels_last)
 
 
-def torch_classes(net: Any, x: Any) -> Any:
-    """Class indexes (N, H, W) of a :func:`torch_input` batch, on its device; inference mode.
-    Waits for the device, so a timer around it measures the work."""
+def torch_classes(net: Any, x: Any, core: Region | None = None) -> Any:
+    """Class indexes (N, H, W) of a :func:`torch_input` batch on ``core`` (default: all of it),
+    on its device; inference mode. Waits for the device, so a timer around it measures the work."""
     import torch
 
     with torch.inference_mode():
-        classes = net(x).argmax(dim=1)
+        classes = net(x, core).argmax(dim=1)
     if classes.is_cuda:
         torch.cuda.synchronize(classes.device)
     return classes

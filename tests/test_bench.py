@@ -91,6 +91,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert f"the median of 2 rounds: x{ratios[0]:.2f}, x{ratios[1]:.2f}" in table
     assert report["halo"]["nominal"] == (64 + 2 * 16) ** 2 / 64**2
     assert report["halo"]["measured"] >= report["halo"]["nominal"]
+    assert 1 < report["halo"]["flops"] < report["halo"]["nominal"]  # the decoder skips most of the halo
     assert 0.9 <= report["precision"]["class_agreement"] <= 1.0
     assert report["model"]["flops_per_pixel"] > 0
     assert report["batch"] == {"value": 4, "auto": False}
@@ -301,3 +302,22 @@ def test_a_childs_own_peak_is_its_own_not_its_parents():
     code = "from pipeline.bench import own_peak_rss; b = bytearray(100 * 2**20); print(own_peak_rss())"
     peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 100 * 2**20 < peak < 400 * 2**20 <= len(ballast)
+
+
+@pytest.mark.parametrize("core", [((16, 48), (16, 48)), ((0, 32), (8, 64)), None])
+def test_the_pytorch_twin_computes_the_flax_logits_on_a_core(core):
+    """Where torch is installed (the bench extra): the comparison's two networks do the same work."""
+    torch = pytest.importorskip("torch")
+    import jax
+
+    from pipeline.torch_unet import torch_input, torch_unet_from_flax
+    from unet_flax.model import UNetConfig, create_unet
+
+    model = create_unet(UNetConfig(in_bands=3, num_classes=4, depth=2, base_width=8), seed=3)
+    model.eval()
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 64, 64, 3)))
+    flax = np.asarray(model(x, core=core))
+    net = torch_unet_from_flax(model)
+    with torch.inference_mode():
+        logits = net(torch_input(net, np.ascontiguousarray(x.transpose(0, 3, 1, 2))), core).numpy()
+    np.testing.assert_allclose(logits.transpose(0, 2, 3, 1), flax, rtol=1e-4, atol=1e-4)

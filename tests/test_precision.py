@@ -16,7 +16,7 @@ from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
 
-from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm
+from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm, forward_flops
 from unet_flax.xla_flags import (
     EIGEN_WIDTH,
     YNN_CONVOLUTIONS_OFF,
@@ -129,6 +129,33 @@ def test_forward_equals_the_plain_layers(depth, width, bands, size, exact_float3
     bf16 = np.asarray(model(x, dtype=jnp.bfloat16))
     assert bf16.dtype == np.float32
     assert (bf16.argmax(-1) == np.asarray(plain_forward(model, x)).argmax(-1)).mean() >= 0.98
+
+
+@pytest.mark.parametrize("depth,width,size,core", [
+    (2, 8, 64, ((16, 48), (16, 48))),  # a tile's core, well inside its halo
+    (3, 8, 64, ((0, 32), (16, 64))),  # at the input's edges: zero padding where a level ends
+    (2, 8, 48, ((5, 37), (3, 40))),  # any region, aligned with no level
+    (1, 4, 16, ((0, 16), (0, 16))),  # all of it
+])
+def test_logits_on_a_core_are_the_whole_pass_there(depth, width, size, core, exact_float32):
+    model = create_unet(UNetConfig(in_bands=3, num_classes=5, depth=depth, base_width=width), seed=depth)
+    randomise_batch_stats(model, depth)
+    model.eval()
+    x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
+    (r0, r1), (c0, c1) = core
+    whole = np.asarray(model(x))[:, r0:r1, c0:c1]
+    for m in (model, fold_batch_norm(model)):
+        for steer in (None, 2 * width):  # the wider blocks by Eigen too
+            np.testing.assert_allclose(np.asarray(m(x, core=core, eigen_width=steer)), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_flops_count_the_whole_pass_or_the_decoder_for_a_core():
+    classic = UNetConfig(in_bands=6, num_classes=8, depth=4, base_width=32)
+    assert forward_flops(classic, (384, 384)) == flops_per_pixel(classic) * 384**2
+    assert forward_flops(classic, (384, 256)) == flops_per_pixel(classic) * 384 * 256
+    core = forward_flops(classic, (384, 384), ((64, 320), (64, 320)))
+    assert 0.6 * forward_flops(classic, (384, 384)) < core < 0.75 * forward_flops(classic, (384, 384))
+    assert flops_per_pixel(classic) * 256**2 < core  # the encoder still reads the halo
 
 
 @pytest.mark.parametrize("depth,width,bands,size", [(1, 4, 1, 16), (3, 4, 3, 48), (2, 8, 6, 40)])

@@ -2,7 +2,10 @@
 
 Batch normalisation is used in eval mode at inference, where it is a per-pixel affine map:
 a pixel's logits then depend only on the inputs inside its receptive field, which is what
-makes tiled inference with a wide enough halo equal whole-image inference.
+makes tiled inference with a wide enough halo equal whole-image inference. The encoder must
+see a tile's halo, but the decoder need not compute it: given the tile's ``core``, each
+decoder level computes only the region the core's logits depend on (:func:`decoder_regions`),
+30% fewer FLOPs for a 256 core in a 384 tile, 1.4x faster on CPU.
 
 The forward pass is written for memory traffic, which is what XLA's CPU backend is short of
 (every op between two convolutions is a full pass over a large activation): the decoder's
@@ -50,14 +53,79 @@ def flops_per_pixel(config: UNetConfig) -> int:
     return int(round(total))
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array, dtype, eigen: bool = False) -> jax.Array:
-    """A 3x3 'SAME' convolution without bias, computed in ``dtype``; with ``eigen``, by XLA's
-    Eigen convolution even where YNNPACK takes convolutions."""
-    # XLA gives YNNPACK no convolution whose output is taller than its input: one row more, dropped.
-    padding = ((1, 2), (1, 1)) if eigen else "SAME"
-    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y[:, :-1] if eigen else y
+Region = tuple[tuple[int, int], tuple[int, int]]
+"""Rows ``[r0, r1)`` and columns ``[c0, c1)`` of one level of the network."""
+
+
+def _whole(x: jax.Array) -> Region:
+    return (0, x.shape[1]), (0, x.shape[2])
+
+
+def grow(region: Region, by: int, bounds: Region) -> Region:
+    """``region`` grown by ``by`` on every side, within ``bounds``."""
+    return tuple((max(lo - by, b0), min(hi + by, b1)) for (lo, hi), (b0, b1) in zip(region, bounds))
+
+
+def _crop(x: jax.Array, held: Region, region: Region) -> jax.Array:
+    """The part ``region`` of ``x``, which holds the part ``held`` of its level."""
+    (r0, r1), (c0, c1) = region
+    (h0, _), (w0, _) = held
+    return x[:, r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array, dtype, eigen: bool = False, held: Region | None = None,
+             out: Region | None = None) -> jax.Array:
+    """A 3x3 'SAME' convolution of a level without bias, computed in ``dtype``, on the part
+    ``out`` of the level (default: all that ``x`` holds) from ``x``, which holds the part
+    ``held`` (default: all of it; with a row and column more around ``out`` wherever the level
+    has them). With ``eigen``, by XLA's Eigen convolution even where YNNPACK takes convolutions."""
+    held = _whole(x) if held is None else held
+    out = held if out is None else out
+    window = grow(out, 1, held)
+    # Zero-padded on every side, then cropped to ``out``: YNNPACK ran unpadded convolutions
+    # 6x slower. XLA gives YNNPACK no convolution whose output is taller than its input: with
+    # ``eigen``, a row more, dropped.
+    y = jax.lax.conv_general_dilated(_crop(x, held, window).astype(dtype), kernel.astype(dtype), (1, 1),
+                                     ((1, 1 + eigen), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if out == window and not eigen else _crop(y, window, out)
+
+
+def decoder_regions(depth: int, shape: tuple[int, int], core: Region) -> tuple[list[Region], list[Region]]:
+    """What the decoder computes for logits on ``core`` of an input of ``shape``: for each
+    level, finest first, the region its block's output is needed on (then, last, the
+    bottleneck's), and the region its inputs (up-sampled and skip) are needed on. Each 3x3
+    convolution needs a pixel more around, each up-sampling half as much below."""
+    outs, ins = [core], []
+    for level in range(depth):
+        ins.append(grow(outs[level], 2, ((0, shape[0] >> level), (0, shape[1] >> level))))
+        outs.append(tuple((lo // 2, -(-hi // 2)) for lo, hi in ins[level]))
+    return outs, ins
+
+
+def forward_flops(config: UNetConfig, shape: tuple[int, int], core: Region | None = None) -> int:
+    """Multiply-adds x 2 that :meth:`UNet.__call__` computes over an input of ``shape`` for
+    logits on ``core`` (default: all of it; then :func:`flops_per_pixel` per pixel): the encoder
+    whole, each decoder convolution on its output's region and a pixel around
+    (:func:`decoder_regions`), the up-sampling on what the level below computed."""
+    h, w = shape
+    outs, ins = decoder_regions(config.depth, shape, ((0, h), (0, w)) if core is None else core)
+    widths = config.widths
+
+    def area(region: Region) -> int:
+        (r0, r1), (c0, c1) = region
+        return (r1 - r0) * (c1 - c0)
+
+    def level(n: int) -> Region:
+        return (0, h >> n), (0, w >> n)
+
+    total = 2 * widths[0] * config.num_classes * area(outs[0])  # the head
+    for n in range(config.depth):
+        cin, c = (config.in_bands if n == 0 else widths[n - 1]), widths[n]
+        total += 18 * (cin * c + c * c) * area(level(n))  # the encoder block, whole
+        total += 18 * c * c * (2 * area(ins[n]) + area(grow(outs[n], 1, level(n))))  # the decoder block
+        total += 2 * widths[n + 1] * c * 4 * area(outs[n + 1])  # up-sampled from below
+    middle = grow(outs[-1], 1, level(config.depth))  # the bottleneck: conv1 from the pooled level, then conv2
+    return total + 18 * widths[-1] * (widths[-2] * area(grow(middle, 1, level(config.depth))) + widths[-1] * area(middle))
 
 
 def _upsample(conv: nnx.ConvTranspose, x: jax.Array, dtype) -> jax.Array:
@@ -108,20 +176,24 @@ class ConvBlock(nnx.Module):
         self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
 
     def __call__(self, x: jax.Array, skip: jax.Array | None = None, *, dtype=jnp.float32,
-                 eigen: bool = False) -> jax.Array:
+                 eigen: bool = False, held: Region | None = None, out: Region | None = None) -> jax.Array:
         """The block on ``x``, or on ``concat([x, skip])`` along channels when ``skip`` is given.
 
         The concatenation is not formed: ``conv1`` is applied to each part with its share of
-        the kernel's input channels and the two results are added (the same sum). ``eigen``:
+        the kernel's input channels and the two results are added (the same sum). ``eigen``,
+        ``held`` (the part of the level ``x`` and ``skip`` hold) and ``out`` (the part computed):
         see :func:`_conv3x3`.
         """
+        held = _whole(x) if held is None else held
+        out = held if out is None else out
+        middle = grow(out, 1, held)
         kernel = self.conv1.kernel[...]
         c = x.shape[-1]
-        y = _conv3x3(x, kernel[:, :, :c], dtype, eigen)
+        y = _conv3x3(x, kernel[:, :, :c], dtype, eigen, held, middle)
         if skip is not None:
-            y = y + _conv3x3(skip, kernel[:, :, c:], dtype, eigen)
+            y = y + _conv3x3(skip, kernel[:, :, c:], dtype, eigen, held, middle)
         x = _norm_relu(self.norm1, y, dtype)
-        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype, eigen), dtype)
+        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype, eigen, middle, out), dtype)
 
     @property
     def width(self) -> int:
@@ -145,11 +217,15 @@ class UNet(nnx.Module):
         self.up = nnx.List([ConvBlock(2 * widths[i], widths[i], rngs=rngs) for i in reversed(range(config.depth))])
         self.head = nnx.Conv(widths[0], config.num_classes, (1, 1), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, dtype=jnp.float32, eigen_width: int | None = None) -> jax.Array:
-        """Logits (float32) of NHWC ``x``, computed in ``dtype``; the convolutions of blocks
-        ``eigen_width`` channels wide or wider by Eigen (see the module doc)."""
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32, eigen_width: int | None = None,
+                 core: Region | None = None) -> jax.Array:
+        """Logits (float32) of NHWC ``x`` on its part ``core`` (default: all of it), computed in
+        ``dtype``; the convolutions of blocks ``eigen_width`` channels wide or wider by Eigen
+        (see the module doc). The decoder computes only what ``core`` needs
+        (:func:`decoder_regions`): the same values there as the whole pass."""
         dtype = jnp.dtype(dtype)
         x = x.astype(dtype)
+        outs, ins = decoder_regions(self.config.depth, x.shape[1:3], _whole(x) if core is None else core)
 
         def eigen(block: ConvBlock) -> bool:
             return eigen_width is not None and block.width >= eigen_width
@@ -159,9 +235,11 @@ class UNet(nnx.Module):
             x = block(x, dtype=dtype, eigen=eigen(block))
             skips.append(x)
             x = _max_pool(x)
-        x = self.bottleneck(x, dtype=dtype, eigen=eigen(self.bottleneck))
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
-            x = block(_upsample(upsample, x, dtype), skip, dtype=dtype, eigen=eigen(block))
+        x = self.bottleneck(x, dtype=dtype, eigen=eigen(self.bottleneck), out=outs[-1])
+        for upsample, block, skip, below, held, out in zip(self.upsample, self.up, reversed(skips),
+                                                         reversed(outs[1:]), reversed(ins), reversed(outs[:-1])):
+            up = _crop(_upsample(upsample, x, dtype), tuple((2 * lo, 2 * hi) for lo, hi in below), held)
+            x = block(up, _crop(skip, _whole(skip), held), dtype=dtype, eigen=eigen(block), held=held, out=out)
         head = self.head.kernel[...][0, 0].astype(dtype)
         return jnp.dot(x, head, preferred_element_type=jnp.float32) + self.head.bias[...]
 
