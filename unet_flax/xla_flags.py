@@ -14,7 +14,8 @@ Two defaults, each measured with ``tilepipe bench``:
   24^2 x 512). XLA picks the library for a whole compilation, but gives YNNPACK no
   convolution whose output is larger than its input, so the forward pass computes such wide
   convolutions one row taller and drops the row (:func:`eigen_width`): the whole pass
-  1.02-1.04x faster in the median of twelve paired rounds, three times.
+  1.02-1.04x faster in the median of twelve paired rounds, three times; since the decoder
+  computes only the tiles' cores, 1.02x at 512 + 64 (the default tile) and 1.00x at 256 + 64.
 * **One CPU device per usable core.** The predictor shards a batch across devices and each
   device runs its tiles one after another, so every core works on its own tile instead of
   all of them splitting every operation of one tile; model-only throughput measured 5-17%
