@@ -518,8 +518,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         cfg = ckpt.card.unet
         spec = tile_spec(opts.tile, opts.halo, cfg.factor)
         fpp = flops_per_pixel(cfg)
-        core = (spec.halo, spec.halo + spec.tile)
-        tile_flops = forward_flops(cfg, (spec.read_size,) * 2, (core, core))  # what the predictor computes
+        tile_flops = forward_flops(cfg, (spec.read_size,) * 2, spec.core)  # what the predictor computes
         precision = resolve_precision(opts.precision)
         report: dict[str, Any] = {
             "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
@@ -825,15 +824,13 @@ def _torch(ckpt: Any, inputs: tuple, reference: np.ndarray, spec: Any, opts: Ben
     values, valid, normaliser = inputs
     x = torch_input(net, np.array(normalise(values, unpack_valid(valid, values.shape[-1]), *normaliser.gain_bias)))
     tiles = [x[i:i + 1] for i in range(len(x))]
-    core = (spec.halo, spec.halo + spec.tile)
-    core = (core, core)
-    codes = ckpt.card.codes[torch_classes(net, x, core).cpu().numpy()]
+    codes = ckpt.card.codes[torch_classes(net, x, spec.core).cpu().numpy()]
 
     def whole() -> Any:
-        return torch_classes(net, x, core)
+        return torch_classes(net, x, spec.core)
 
     def by_tile() -> Any:
-        return [torch_classes(net, tile, core) for tile in tiles]
+        return [torch_classes(net, tile, spec.core) for tile in tiles]
 
     batch_t, tile_t = _best_time(whole, opts.min_seconds), _best_time(by_tile, opts.min_seconds)
     t = min(batch_t, tile_t)

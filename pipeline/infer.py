@@ -162,7 +162,6 @@ class Predictor:
         graphdef, state = nnx.split(fold_batch_norm(checkpoint.model))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
-        lo, hi = spec.halo, spec.halo + spec.tile
         dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
         self.eigen_width = wide = eigen_width(backend, self.precision)
 
@@ -171,7 +170,7 @@ class Predictor:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
             valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
-            logits = model(x, dtype=dtype, eigen_width=wide, core=((lo, hi), (lo, hi)))  # the decoder works for the cores only
+            logits = model(x, dtype=dtype, eigen_width=wide, core=spec.core)  # the decoder works for the cores only
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
                 probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -31,6 +31,13 @@ class TileSpec:
         """Side of every read window and of the model's input."""
         return self.tile + 2 * self.halo
 
+    @property
+    def core(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Where the written core sits in the model's input: rows, then columns, ``[start, stop)``
+        (:data:`unet_flax.model.Region`)."""
+        span = (self.halo, self.halo + self.tile)
+        return span, span
+
 
 def tile_spec(tile: int, halo: int, factor: int) -> TileSpec:
     """Validate ``tile``/``halo`` once; both must be multiples of ``factor``."""

@@ -33,7 +33,8 @@ from unet_flax.card import UNetConfig
 
 
 def flops_per_pixel(config: UNetConfig) -> int:
-    """Multiply-adds x 2 of one forward pass, per input pixel (convolutions only).
+    """Multiply-adds x 2 of one whole forward pass, per input pixel (convolutions only;
+    :func:`forward_flops` of an input ``factor`` pixels square, per pixel).
 
     A 3x3 conv from ``a`` to ``b`` channels costs ``2 * 9 * a * b`` per pixel of its scale;
     a 2x2 stride-2 transposed conv ``2 * a * b`` per output pixel; the 1x1 head
@@ -41,16 +42,8 @@ def flops_per_pixel(config: UNetConfig) -> int:
     pooling and the softmax are left out (elementwise, a few FLOPs per value). For the
     classic U-Net (depth 4, width 32, 6 bands, 8 classes) this is 370,560.
     """
-    w = config.widths
-    total = 0.0
-    for level in range(config.depth):
-        cin = config.in_bands if level == 0 else w[level - 1]
-        encoder = 18 * (cin * w[level] + w[level] * w[level])
-        decoder = 18 * (2 * w[level] * w[level] + w[level] * w[level]) + 2 * w[level + 1] * w[level]
-        total += (encoder + decoder) / 4**level
-    total += 18 * (w[-2] * w[-1] + w[-1] * w[-1]) / 4**config.depth
-    total += 2 * w[0] * config.num_classes
-    return int(round(total))
+    side = config.factor  # the whole pass's FLOPs are the same on every pixel of any such multiple
+    return forward_flops(config, (side, side)) // side**2
 
 
 Region = tuple[tuple[int, int], tuple[int, int]]
