@@ -507,7 +507,8 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel, forward_flops
-    from unet_flax.xla_flags import cpu_features, eigen_width, ynn_convolutions
+    from unet_flax.winograd import inference_width
+    from unet_flax.xla_flags import cpu_features, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
@@ -528,7 +529,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
                       "flops_per_pixel": fpp, "flops_per_tile": tile_flops, "precision": precision,
                       "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen",
-                      "eigen_width": eigen_width(jax.default_backend(), precision)},
+                      "winograd_width": inference_width(jax.default_backend(), precision)},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
         }
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
@@ -1057,8 +1058,8 @@ def format_table(report: dict[str, Any]) -> str:
                   f"{report['model']['flops_per_pixel']:,} FLOP/px ({report['model']['flops_per_tile'] / 1e9:.1f} GFLOP "
                   f"a tile, the decoder on its core), {report['model']['precision']}"
                   + (f", CPU convolutions by {report['model']['cpu_convolutions']}"
-                     + (f" (Eigen from {report['model']['eigen_width']} channels)"
-                        if report["model"].get("eigen_width") else "")
+                     + (f" (by Winograd F(2x2, 3x3) from {report['model']['winograd_width']} channels; GFLOP/s "
+                        "below count a direct convolution's FLOPs)" if report["model"].get("winograd_width") else "")
                      if report["backend"] == "cpu" else "")),
         ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} "
                   f"(read {report['tiling']['read_size']}), batch {report['batch']['value']}"

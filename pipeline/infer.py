@@ -20,8 +20,9 @@ no arithmetic on them, and the normaliser's gain and bias are arguments, not con
 device runs its share of the batch one tile after another (``shard_map`` of a ``lax.map``):
 one tile's activations stay in the CPU's caches, which measured faster than the batched
 pass on the development machine, and tilepipe starts one CPU device per core
-(:mod:`unet_flax.xla_flags`) so each core works on its own tile; where YNNPACK runs its
-convolutions, Eigen runs the wide ones (``eigen_width``). Accelerators take the batch at once.
+(:mod:`unet_flax.xla_flags`) so each core works on its own tile, and the wide blocks compute
+their convolutions by Winograd's F(2x2, 3x3) (:mod:`unet_flax.winograd`), float32 only.
+Accelerators take the batch at once.
 :func:`auto_batch` finds the largest batch that still speeds the forward pass up and
 remembers it next to the compilation cache.
 """
@@ -49,12 +50,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pipeline.io import packed_shape
 from pipeline.windows import MOST_PARTS, TileSpec
 from unet_flax.checkpoint import Checkpoint, load_checkpoint
-from unet_flax.model import fold_batch_norm
-from unet_flax.xla_flags import eigen_width
+from unet_flax.model import fold_batch_norm, winograd_copy
+from unet_flax.winograd import inference_width
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
-FORWARD_VERSION = 5  # bump when the compiled forward changes in a way that moves the best batch
+FORWARD_VERSION = 6  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -159,18 +160,19 @@ class Predictor:
         bands = checkpoint.card.unet.in_bands
         self._identity = (np.ones(bands, np.float32), np.zeros(bands, np.float32))
         self._scales: dict[Any, tuple[jax.Array, jax.Array]] = {}
-        graphdef, state = nnx.split(fold_batch_norm(checkpoint.model))
+        model = fold_batch_norm(checkpoint.model)
+        self.winograd_width = wide = inference_width(backend, self.precision)
+        graphdef, state = nnx.split(model if wide is None else winograd_copy(model, wide))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
         dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
-        self.eigen_width = wide = eigen_width(backend, self.precision)
 
         def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:
             """Codes, then confidence and probabilities where asked for (the softmax only then)."""
             valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
-            logits = model(x, dtype=dtype, eigen_width=wide, core=spec.core)  # the decoder works for the cores only
+            logits = model(x, dtype=dtype, core=spec.core)  # the decoder works for the cores only
             outputs = (codes[jnp.argmax(logits, axis=-1)],)
             if confidence or probabilities:
                 probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

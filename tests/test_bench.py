@@ -13,7 +13,8 @@ from pipeline import bench
 from pipeline.chunks import ChunkGrid
 from pipeline.cli import main as cli_main
 from pipeline.windows import source_window, tile_batches, tile_spec
-from unet_flax.xla_flags import EIGEN_WIDTH, YNN_CONVOLUTIONS_ON, convolutions_flag
+from unet_flax.winograd import WIDTH as WINOGRAD_WIDTH
+from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
 
 
 def test_quick_bench_reports_every_field(tmp_path, capsys):
@@ -39,7 +40,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert model["batched_class_agreement"] >= 0.999
     chosen = convolutions_flag(frozenset(report["cpu_features"]))  # by the features the bench names
     assert report["model"]["cpu_convolutions"] == ("ynnpack" if chosen == YNN_CONVOLUTIONS_ON else "eigen")
-    assert report["model"]["eigen_width"] == (EIGEN_WIDTH if chosen == YNN_CONVOLUTIONS_ON else None)
+    assert report["model"]["winograd_width"] == WINOGRAD_WIDTH  # float32 on CPU
     assert e2e["scenes"] == 2 and e2e["pixels"] == 2 * 512**2  # two copies of the scene, both written
     assert e2e["readers"] == 2  # read in reader processes, as on an accelerator
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0

@@ -16,15 +16,19 @@ from pipeline.windows import tile_spec
 from unet_flax.checkpoint import load_checkpoint
 from flax import nnx
 
-from unet_flax.model import Shift, UNetConfig, create_unet, flops_per_pixel, fold_batch_norm, forward_flops
-from unet_flax.xla_flags import (
-    EIGEN_WIDTH,
-    YNN_CONVOLUTIONS_OFF,
-    YNN_CONVOLUTIONS_ON,
-    apply_default_xla_flags,
-    cpu_features,
-    eigen_width,
+from unet_flax.model import (
+    Shift,
+    UNetConfig,
+    WinogradConv,
+    create_unet,
+    flops_per_pixel,
+    fold_batch_norm,
+    forward_flops,
+    winograd_copy,
 )
+from unet_flax.winograd import WIDTH as WINOGRAD_WIDTH
+from unet_flax.winograd import inference_width
+from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, YNN_CONVOLUTIONS_ON, apply_default_xla_flags, cpu_features
 
 
 def test_auto_precision_is_bfloat16_on_accelerators_only():
@@ -124,8 +128,9 @@ def test_forward_equals_the_plain_layers(depth, width, bands, size, exact_float3
     x = jax.random.normal(jax.random.key(depth), (2, size, size, bands))
     plain = np.asarray(plain_forward(model, x))
     np.testing.assert_allclose(np.asarray(model(x)), plain, rtol=1e-4, atol=1e-4)
-    # the wider blocks' convolutions steered to Eigen: one row taller, then cut back
-    np.testing.assert_allclose(np.asarray(model(x, eigen_width=2 * width)), plain, rtol=1e-4, atol=1e-4)
+    # the wider blocks' convolutions by Winograd, then all of them
+    for wide in (2 * width, width):
+        np.testing.assert_allclose(np.asarray(winograd_copy(model, wide)(x)), plain, rtol=1e-4, atol=1e-4)
     bf16 = np.asarray(model(x, dtype=jnp.bfloat16))
     assert bf16.dtype == np.float32
     assert (bf16.argmax(-1) == np.asarray(plain_forward(model, x)).argmax(-1)).mean() >= 0.98
@@ -144,9 +149,10 @@ def test_logits_on_a_core_are_the_whole_pass_there(depth, width, size, core, exa
     x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
     (r0, r1), (c0, c1) = core
     whole = np.asarray(model(x))[:, r0:r1, c0:c1]
-    for m in (model, fold_batch_norm(model)):
-        for steer in (None, 2 * width):  # the wider blocks by Eigen too
-            np.testing.assert_allclose(np.asarray(m(x, core=core, eigen_width=steer)), whole, rtol=1e-4, atol=1e-4)
+    folded = fold_batch_norm(model)
+    # folded, and the wider blocks' convolutions by Winograd, then all of them
+    for m in (model, folded, winograd_copy(folded, 2 * width), winograd_copy(model, width)):
+        np.testing.assert_allclose(np.asarray(m(x, core=core)), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_flops_count_the_whole_pass_or_the_decoder_for_a_core():
@@ -205,6 +211,20 @@ def test_tile_by_tile_equals_the_whole_batch(tiny_checkpoint, batch):
     assert tiles.compiled_count() == 1
 
 
+def test_the_predictor_computes_wide_blocks_by_winograd_with_the_same_results(tiny_checkpoint, monkeypatch):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    spec = tile_spec(32, 16, TINY.factor)
+    x = np.random.default_rng(5).standard_normal((3, 4, spec.read_size, spec.read_size)).astype(np.float32)
+    monkeypatch.setenv("TILEPIPE_WINOGRAD", "0")
+    direct = Predictor(checkpoint, spec, 4, probabilities=True)
+    monkeypatch.setenv("TILEPIPE_WINOGRAD", str(TINY.base_width))  # every block of the tiny model
+    wide = Predictor(checkpoint, spec, 4, probabilities=True)
+    assert (direct.winograd_width, wide.winograd_width) == (None, TINY.base_width)
+    a, b = direct(x), wide(x)
+    assert (a.classes == b.classes).mean() >= 0.999
+    assert np.abs(a.probabilities.astype(int) - b.probabilities.astype(int)).max() <= 1
+
+
 def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     assert Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2, devices=jax.devices("cpu")[:1]).sequential
@@ -243,37 +263,41 @@ def test_convolutions_go_to_the_library_measured_faster_on_the_cpu(features, cho
     assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2"
 
 
-def test_wide_convolutions_run_outside_ynnpack_where_it_takes_the_others():
-    """Guards the trick :func:`unet_flax.xla_flags.eigen_width` relies on, whatever this CPU:
-    a later XLA that gave YNNPACK taller outputs too would fail here."""
+def test_winograd_blocks_compute_by_matrix_multiplies_only():
+    """The copy's wide blocks leave XLA no convolution: 12 in the model (2 per block of 2 down,
+    the bottleneck and 2 up, the decoder's first as 2 halves: 2 + 2 + 2 + 3 + 3), 5 of them
+    32 wide; the blocks' parameters are the 16 matrices of each part."""
     model = create_unet(UNetConfig(in_bands=3, num_classes=4, depth=2, base_width=32))  # blocks 32, 64, 128 wide
     model.eval()
-    graphdef, state = nnx.split(model)
-
-    def forward(state, x):
-        return nnx.merge(graphdef, state)(x, eigen_width=64)
-
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    hlo = jax.jit(forward).lower(state, x).compile(
-        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}).as_text()
-    entry = hlo[hlo.index("\nENTRY "):]
-    # 5 convolutions 32 wide (2 down, 3 up: the two halves and conv2) to YNNPACK; 7 to Eigen
-    # (64 wide: 2 down and 3 up; the bottleneck's 2), each one row taller than its input
-    assert entry.count("kind=kCustom") == 5
-    steered = [line for line in entry.splitlines() if " convolution(" in line]
-    assert len(steered) == 7 and all("pad=1_2x1_1" in line for line in steered)
+
+    def convolutions(m) -> int:
+        graphdef, state = nnx.split(m)
+        text = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).as_text()
+        return text.count("stablehlo.convolution")
+
+    copy = winograd_copy(model, 64)
+    assert convolutions(model) == 12 and convolutions(copy) == 5
+    assert isinstance(copy.bottleneck.conv1, WinogradConv) and not isinstance(model.bottleneck.conv1, WinogradConv)
+    assert [len(part) for part in copy.up[0].conv1.parts] == [16, 16]  # the up-sampled input's, the skip's
+    assert copy.up[0].conv1.parts[1][0][...].shape == (64, 64) and isinstance(copy.up[1].conv1, nnx.Conv)
 
 
 @pytest.mark.parametrize("platform,dtype,environ,width", [
-    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, EIGEN_WIDTH),
-    ("cpu", "float32", {}, EIGEN_WIDTH),  # XLA's own default is YNNPACK's convolutions
-    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}, None),  # Eigen runs them all already
-    ("cpu", "bfloat16", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, None),  # YNNPACK takes no bfloat16 convolution
-    ("gpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON}, None),
-    ("cpu", "float32", {"XLA_FLAGS": YNN_CONVOLUTIONS_ON, "TILEPIPE_XLA_DEFAULTS": "0"}, None),
+    ("cpu", "float32", {}, WINOGRAD_WIDTH),
+    ("cpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, 64),
+    ("cpu", "float32", {"TILEPIPE_WINOGRAD": "0"}, None),
+    ("cpu", "bfloat16", {}, None),  # the transforms would round
+    ("gpu", "float32", {}, None),  # accelerators' libraries choose their own algorithms
+    ("tpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, None),
 ])
-def test_eigen_takes_the_wide_convolutions_only_where_ynnpack_runs_the_others(platform, dtype, environ, width):
-    assert eigen_width(platform, dtype, environ) == width
+def test_winograd_is_for_float32_on_cpu(platform, dtype, environ, width):
+    assert inference_width(platform, dtype, environ) == width
+
+
+def test_winograd_width_from_the_environment_is_checked():
+    with pytest.raises(ValueError, match="TILEPIPE_WINOGRAD must be a width"):
+        inference_width("cpu", "float32", {"TILEPIPE_WINOGRAD": "yes"})
 
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):

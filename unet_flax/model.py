@@ -13,14 +13,14 @@ first convolution over ``concat([up, skip])`` is computed as the sum of two conv
 over its kernel's halves, so the concatenation is never written; the 2x2 stride-2
 transposed convolution is one matrix multiply followed by depth-to-space (XLA's
 ``conv_transpose`` computes on a zero-dilated input); max-pooling is a reshape and max.
-Where XLA hands convolutions to YNNPACK, the wide ones (``eigen_width`` channels and more)
-go to Eigen's instead, which is faster there (see :mod:`unet_flax.xla_flags`).
 The parameter tree is that of the plain layers, so checkpoints do not depend on this, and
 tests check the forward against the plain layers. ``dtype`` is the compute dtype
 (parameters stay float32 and are cast in the forward; batch-norm statistics and the logits
 stay float32). For inference, :func:`fold_batch_norm` folds each batch norm's scale into
 the convolution before it, leaving a per-channel shift: fewer operations to trace and
-compile, the same function.
+compile, the same function. :func:`winograd_copy` then has the wide blocks compute their
+convolutions by Winograd's F(2x2, 3x3) (:mod:`unet_flax.winograd`), which the predictor
+does on CPU: 2.25x fewer multiplies, the same function to float32 rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unet_flax import winograd
 from unet_flax.card import UNetConfig
 
 
@@ -66,21 +67,36 @@ def _crop(x: jax.Array, held: Region, region: Region) -> jax.Array:
     return x[:, r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array, dtype, eigen: bool = False, held: Region | None = None,
+def _conv3x3(conv: nnx.Conv | WinogradConv, xs: list[jax.Array], dtype, held: Region | None = None,
              out: Region | None = None) -> jax.Array:
-    """A 3x3 'SAME' convolution of a level without bias, computed in ``dtype``, on the part
-    ``out`` of the level (default: all that ``x`` holds) from ``x``, which holds the part
-    ``held`` (default: all of it; with a row and column more around ``out`` wherever the level
-    has them). With ``eigen``, by XLA's Eigen convolution even where YNNPACK takes convolutions."""
-    held = _whole(x) if held is None else held
+    """``conv`` (3x3 'SAME', without bias) of ``concat(xs)`` along channels, computed in
+    ``dtype`` on the part ``out`` of the level (default: all that the ``xs`` hold) from the
+    ``xs``, which hold the part ``held`` (default: all of it; with a row and column more around
+    ``out`` wherever the level has them).
+
+    The concatenation is not formed: each part of the input is convolved with its share of the
+    kernel's input channels and the results are added (a :class:`WinogradConv` adds its
+    products, before its output transform).
+    """
+    held = _whole(xs[0]) if held is None else held
     out = held if out is None else out
     window = grow(out, 1, held)
-    # Zero-padded on every side, then cropped to ``out``: YNNPACK ran unpadded convolutions
-    # 6x slower. XLA gives YNNPACK no convolution whose output is taller than its input: with
-    # ``eigen``, a row more, dropped.
-    y = jax.lax.conv_general_dilated(_crop(x, held, window).astype(dtype), kernel.astype(dtype), (1, 1),
-                                     ((1, 1 + eigen), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y if out == window and not eigen else _crop(y, window, out)
+    if isinstance(conv, WinogradConv):
+        # Zero rows and columns only where the window meets the level's edge, and one more
+        # where a side of ``out`` is odd (F(2x2, 3x3) computes 2x2 blocks), dropped after.
+        pads = [(1 - (o0 - w0), 1 - (w1 - o1) + (o1 - o0) % 2) for (o0, o1), (w0, w1) in zip(out, window)]
+        y = winograd.conv3x3([(jnp.pad(_crop(x, held, window).astype(dtype), ((0, 0), *pads, (0, 0))),
+                               [m[...].astype(dtype) for m in part]) for x, part in zip(xs, conv.parts)])
+        return y[:, :out[0][1] - out[0][0], :out[1][1] - out[1][0]]
+    kernel, y, start = conv.kernel[...], None, 0
+    for x in xs:
+        # Zero-padded on every side, then cropped to ``out``: YNNPACK ran unpadded convolutions
+        # 6x slower.
+        term = jax.lax.conv_general_dilated(_crop(x, held, window).astype(dtype),
+                                            kernel[:, :, start:start + x.shape[-1]].astype(dtype), (1, 1),
+                                            ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y, start = (term if y is None else y + term), start + x.shape[-1]
+    return y if out == window else _crop(y, window, out)
 
 
 def decoder_regions(depth: int, shape: tuple[int, int], core: Region) -> tuple[list[Region], list[Region]]:
@@ -159,6 +175,16 @@ class Shift(nnx.Module):
         return x + self.shift[...]
 
 
+class WinogradConv(nnx.Module):
+    """An inference copy of a bias-free 3x3 convolution: its kernel as Winograd's 16 matrices
+    (:func:`unet_flax.winograd.transform_kernel`), for each part of its input channels."""
+
+    def __init__(self, kernel: jax.Array, splits: tuple[int, ...] = ()):
+        self.out_features = kernel.shape[-1]
+        parts = jnp.split(kernel, splits, axis=2) if splits else [kernel]
+        self.parts = nnx.List([nnx.List([nnx.Param(m) for m in winograd.transform_kernel(p)]) for p in parts])
+
+
 class ConvBlock(nnx.Module):
     """Two 3x3 conv -> batch norm -> ReLU layers."""
 
@@ -169,24 +195,15 @@ class ConvBlock(nnx.Module):
         self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
 
     def __call__(self, x: jax.Array, skip: jax.Array | None = None, *, dtype=jnp.float32,
-                 eigen: bool = False, held: Region | None = None, out: Region | None = None) -> jax.Array:
-        """The block on ``x``, or on ``concat([x, skip])`` along channels when ``skip`` is given.
-
-        The concatenation is not formed: ``conv1`` is applied to each part with its share of
-        the kernel's input channels and the two results are added (the same sum). ``eigen``,
-        ``held`` (the part of the level ``x`` and ``skip`` hold) and ``out`` (the part computed):
-        see :func:`_conv3x3`.
-        """
+                 held: Region | None = None, out: Region | None = None) -> jax.Array:
+        """The block on ``x``, or on ``concat([x, skip])`` along channels when ``skip`` is given
+        (never formed: see :func:`_conv3x3`, also for ``held``, the part of the level ``x`` and
+        ``skip`` hold, and ``out``, the part computed)."""
         held = _whole(x) if held is None else held
         out = held if out is None else out
         middle = grow(out, 1, held)
-        kernel = self.conv1.kernel[...]
-        c = x.shape[-1]
-        y = _conv3x3(x, kernel[:, :, :c], dtype, eigen, held, middle)
-        if skip is not None:
-            y = y + _conv3x3(skip, kernel[:, :, c:], dtype, eigen, held, middle)
-        x = _norm_relu(self.norm1, y, dtype)
-        return _norm_relu(self.norm2, _conv3x3(x, self.conv2.kernel[...], dtype, eigen, middle, out), dtype)
+        y = _norm_relu(self.norm1, _conv3x3(self.conv1, [x] if skip is None else [x, skip], dtype, held, middle), dtype)
+        return _norm_relu(self.norm2, _conv3x3(self.conv2, [y], dtype, middle, out), dtype)
 
     @property
     def width(self) -> int:
@@ -210,29 +227,24 @@ class UNet(nnx.Module):
         self.up = nnx.List([ConvBlock(2 * widths[i], widths[i], rngs=rngs) for i in reversed(range(config.depth))])
         self.head = nnx.Conv(widths[0], config.num_classes, (1, 1), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, dtype=jnp.float32, eigen_width: int | None = None,
-                 core: Region | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32, core: Region | None = None) -> jax.Array:
         """Logits (float32) of NHWC ``x`` on its part ``core`` (default: all of it), computed in
-        ``dtype``; the convolutions of blocks ``eigen_width`` channels wide or wider by Eigen
-        (see the module doc). The decoder computes only what ``core`` needs
-        (:func:`decoder_regions`): the same values there as the whole pass."""
+        ``dtype``. The decoder computes only what ``core`` needs (:func:`decoder_regions`): the
+        same values there as the whole pass."""
         dtype = jnp.dtype(dtype)
         x = x.astype(dtype)
         outs, ins = decoder_regions(self.config.depth, x.shape[1:3], _whole(x) if core is None else core)
 
-        def eigen(block: ConvBlock) -> bool:
-            return eigen_width is not None and block.width >= eigen_width
-
         skips = []
         for block in self.down:
-            x = block(x, dtype=dtype, eigen=eigen(block))
+            x = block(x, dtype=dtype)
             skips.append(x)
             x = _max_pool(x)
-        x = self.bottleneck(x, dtype=dtype, eigen=eigen(self.bottleneck), out=outs[-1])
+        x = self.bottleneck(x, dtype=dtype, out=outs[-1])
         for upsample, block, skip, below, held, out in zip(self.upsample, self.up, reversed(skips),
                                                          reversed(outs[1:]), reversed(ins), reversed(outs[:-1])):
             up = _crop(_upsample(upsample, x, dtype), tuple((2 * lo, 2 * hi) for lo, hi in below), held)
-            x = block(up, _crop(skip, _whole(skip), held), dtype=dtype, eigen=eigen(block), held=held, out=out)
+            x = block(up, _crop(skip, _whole(skip), held), dtype=dtype, held=held, out=out)
         head = self.head.kernel[...][0, 0].astype(dtype)
         return jnp.dot(x, head, preferred_element_type=jnp.float32) + self.head.bias[...]
 
@@ -258,3 +270,16 @@ def fold_batch_norm(model: UNet) -> UNet:
             conv.kernel[...] = conv.kernel[...] * a
             setattr(block, name, Shift(norm.bias[...] - norm.mean[...] * a))
     return folded
+
+
+def winograd_copy(model: UNet, width: int) -> UNet:
+    """An inference copy of ``model`` whose blocks ``width`` channels wide or wider hold their
+    convolutions as :class:`WinogradConv`s (a decoder block's first one in two parts: the
+    up-sampled input's channels, then the skip's); ``model`` itself is left as it is."""
+    copy = nnx.clone(model)
+    for blocks, split in ((copy.down, False), ([copy.bottleneck], False), (copy.up, True)):
+        for block in blocks:
+            if block.width >= width:
+                block.conv1 = WinogradConv(block.conv1.kernel[...], (block.width,) if split else ())
+                block.conv2 = WinogradConv(block.conv2.kernel[...])
+    return copy

@@ -9,13 +9,8 @@ Two defaults, each measured with ``tilepipe bench``:
   2-core AVX-512 machine (a Xeon with AMX) it was the other way round: YNNPACK's
   convolutions 1.03-1.08x faster over the whole pass (three pairs of model-only runs, two
   pairs of bench runs), so a CPU with AVX-512 keeps them (:func:`convolutions_flag`).
-  Per layer, though, Eigen's were faster there from 128 channels up (3x3, one core, a 384^2
-  tile's scales: 14.1-14.6 ms against YNNPACK's 15.7-18.3 at 96^2 x 128, 48^2 x 256 and
-  24^2 x 512). XLA picks the library for a whole compilation, but gives YNNPACK no
-  convolution whose output is larger than its input, so the forward pass computes such wide
-  convolutions one row taller and drops the row (:func:`eigen_width`): the whole pass
-  1.02-1.04x faster in the median of twelve paired rounds, three times; since the decoder
-  computes only the tiles' cores, 1.02x at 512 + 64 (the default tile) and 1.00x at 256 + 64.
+  (Convolutions 128 channels wide and wider are not XLA's at all where the predictor runs
+  float32 on CPU: see :mod:`unet_flax.winograd`.)
 * **One CPU device per usable core.** The predictor shards a batch across devices and each
   device runs its tiles one after another, so every core works on its own tile instead of
   all of them splitting every operation of one tile; model-only throughput measured 5-17%
@@ -37,8 +32,6 @@ from collections.abc import MutableMapping
 YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 YNN_CONVOLUTIONS_ON = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-EIGEN_WIDTH = 128
-"""Channels from which a float32 convolution runs faster in Eigen than in YNNPACK (module doc)."""
 
 
 def usable_cores() -> int:
@@ -92,12 +85,3 @@ def ynn_convolutions(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Whether this process lets YNNPACK run convolutions (as read from ``XLA_FLAGS``)."""
     return YNN_CONVOLUTIONS_OFF not in environ.get("XLA_FLAGS", "").split()
 
-
-def eigen_width(platform: str, dtype: str, environ: MutableMapping[str, str] = os.environ) -> int | None:
-    """The width from which the forward pass has Eigen run its convolutions
-    (``UNet.__call__``'s ``eigen_width``): :data:`EIGEN_WIDTH` where YNNPACK runs the others
-    (float32 on a CPU whose convolutions are YNNPACK's), else None (no convolution is steered;
-    also with ``TILEPIPE_XLA_DEFAULTS=0``)."""
-    steered = (platform == "cpu" and dtype == "float32" and environ.get("TILEPIPE_XLA_DEFAULTS", "1") != "0"
-               and ynn_convolutions(environ))
-    return EIGEN_WIDTH if steered else None
