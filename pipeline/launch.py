@@ -39,9 +39,12 @@ def _libc() -> str | None:
 def reexec() -> None:
     """Start this process again with :func:`tunables`, if any (does not return then)."""
     chosen = tunables(os.environ, sys.platform, _libc())
-    if chosen is not None:
+    if chosen is not None and sys.executable:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": chosen})
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": chosen})
+        except OSError:  # go on as is: the setting only makes the forward pass faster
+            pass
 
 
 def main() -> None:
