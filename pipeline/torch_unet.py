@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_flax.model import Region, UNet, UNetConfig, decoder_regions, grow
+from unet_flax.model import Region, UNet, UNetConfig, decoder_regions, doubled, grow, within
 
 
 def torch_available() -> bool:
@@ -59,7 +59,7 @@ def build_torch_unet(config: UNetConfig) -> Any:
             x = cropped_block(self.bottleneck, x, whole(x), outs[-1])
             for upsample, block, skip, below, held, out in zip(self.upsample, self.up, reversed(skips),
                                                              reversed(outs[1:]), reversed(ins), reversed(outs[:-1])):
-                up = crop(upsample(x), tuple((2 * lo, 2 * hi) for lo, hi in below), held)
+                up = crop(upsample(x), doubled(below), held)
                 x = cropped_block(block, torch.cat([up, crop(skip, whole(skip), held)], dim=1), held, out)
             return self.head(x)
 
@@ -67,9 +67,7 @@ def build_torch_unet(config: UNetConfig) -> Any:
         return (0, x.shape[2]), (0, x.shape[3])
 
     def crop(x: torch.Tensor, held: Region, region: Region) -> torch.Tensor:
-        (r0, r1), (c0, c1) = region
-        (h0, _), (w0, _) = held
-        return x[:, :, r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
+        return x[:, :, *within(held, region)]
 
     def cropped_conv(conv: nn.Conv2d, x: torch.Tensor, held: Region, out: Region) -> torch.Tensor:
         """As the Flax pass does it: zero-padded on the window around ``out``, then cropped."""

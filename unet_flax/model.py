@@ -60,11 +60,20 @@ def grow(region: Region, by: int, bounds: Region) -> Region:
     return tuple((max(lo - by, b0), min(hi + by, b1)) for (lo, hi), (b0, b1) in zip(region, bounds))
 
 
+def within(held: Region, region: Region) -> tuple[slice, slice]:
+    """The row and column slices that take the part ``region`` of a level out of an array
+    holding its part ``held``."""
+    return tuple(slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(region, held))
+
+
+def doubled(region: Region) -> Region:
+    """``region`` of a level as the level above (twice the resolution) has it."""
+    return tuple((2 * lo, 2 * hi) for lo, hi in region)
+
+
 def _crop(x: jax.Array, held: Region, region: Region) -> jax.Array:
-    """The part ``region`` of ``x``, which holds the part ``held`` of its level."""
-    (r0, r1), (c0, c1) = region
-    (h0, _), (w0, _) = held
-    return x[:, r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
+    """The part ``region`` of NHWC ``x``, which holds the part ``held`` of its level."""
+    return x[:, *within(held, region)]
 
 
 def _conv3x3(conv: nnx.Conv | WinogradConv, xs: list[jax.Array], dtype, held: Region | None = None,
@@ -243,7 +252,7 @@ class UNet(nnx.Module):
         x = self.bottleneck(x, dtype=dtype, out=outs[-1])
         for upsample, block, skip, below, held, out in zip(self.upsample, self.up, reversed(skips),
                                                          reversed(outs[1:]), reversed(ins), reversed(outs[:-1])):
-            up = _crop(_upsample(upsample, x, dtype), tuple((2 * lo, 2 * hi) for lo, hi in below), held)
+            up = _crop(_upsample(upsample, x, dtype), doubled(below), held)
             x = block(up, _crop(skip, _whole(skip), held), dtype=dtype, held=held, out=out)
         head = self.head.kernel[...][0, 0].astype(dtype)
         return jnp.dot(x, head, preferred_element_type=jnp.float32) + self.head.bias[...]
