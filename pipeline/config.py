@@ -164,7 +164,8 @@ class RuntimeSection(Section):
     compilation_cache: Path | None = Path("~/.cache/tilepipe/jax")
     """Persistent JAX compilation cache; null turns it off."""
     precision: Literal["float32", "bfloat16", "auto"] = "auto"
-    """Compute dtype of the model: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+    """Compute dtype of the model: auto is bfloat16 on GPU/TPU and float32 on CPU, where
+    bfloat16 is the wide convolutions' matrix multiplies only (faster on cores with AMX)."""
     readers: NonNegativeInt | Literal["auto"] = Field("auto", description="processes each worker reads batches in, "
                                                       "or auto (the default): none on CPU, one per core up to 8 "
                                                       "per worker thread on GPU/TPU (a batch is read in up to "

@@ -11,9 +11,11 @@ With several devices visible the batch is sharded across them along its first ax
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
 is rounded up to a multiple of the device count, and a batch smaller than the device count
 uses only as many devices as it has tiles. ``precision`` picks the compute dtype (``auto``:
-bfloat16 on GPU/TPU, float32 on CPU, where XLA's convolutions gain nothing from bfloat16 even
-on cores with bfloat16 matrix units: on an AVX-512 machine with AMX, XLA multiplied bfloat16
-matrices 6x faster than float32 ones, and ran the U-Net at the same speed in either). A batch
+bfloat16 on GPU/TPU, float32 on CPU). XLA's CPU convolutions gain nothing from bfloat16, even
+on cores with bfloat16 matrix units (on an AVX-512 machine with AMX, XLA multiplied bfloat16
+matrices 6x faster than float32 ones, and ran the U-Net's convolutions at the same speed in
+either), so on CPU ``bfloat16`` (opt-in) is the matrix multiplies of the Winograd blocks
+only, everything else float32. A batch
 arrives as read: the input's own values (uint16 as uint16: no more bytes than bfloat16) and
 where they are valid, as bits; the compiled pass normalises them (:func:`normalise`), so the host does
 no arithmetic on them, and the normaliser's gain and bias are arguments, not constants. On CPU each
@@ -21,7 +23,7 @@ device runs its share of the batch one tile after another (``shard_map`` of a ``
 one tile's activations stay in the CPU's caches, which measured faster than the batched
 pass on the development machine, and tilepipe starts one CPU device per core
 (:mod:`unet_flax.xla_flags`) so each core works on its own tile, and the wide blocks compute
-their convolutions by Winograd's F(2x2, 3x3) (:mod:`unet_flax.winograd`), float32 only.
+their convolutions by Winograd's F(2x2, 3x3) (:mod:`unet_flax.winograd`).
 Accelerators take the batch at once.
 :func:`auto_batch` finds the largest batch that still speeds the forward pass up and
 remembers it next to the compilation cache.
@@ -55,7 +57,7 @@ from unet_flax.winograd import inference_width
 
 PRECISIONS = ("float32", "bfloat16", "auto")
 AUTO_BATCH_FILE = "tilepipe-auto-batch.json"
-FORWARD_VERSION = 6  # bump when the compiled forward changes in a way that moves the best batch
+FORWARD_VERSION = 7  # bump when the compiled forward changes in a way that moves the best batch
 
 _configured: set[str] = set()
 _lock = threading.Lock()
@@ -162,10 +164,12 @@ class Predictor:
         self._scales: dict[Any, tuple[jax.Array, jax.Array]] = {}
         model = fold_batch_norm(checkpoint.model)
         self.winograd_width = wide = inference_width(backend, self.precision)
-        graphdef, state = nnx.split(model if wide is None else winograd_copy(model, wide))
+        graphdef, state = nnx.split(model if wide is None else winograd_copy(model, wide, self.precision))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)
-        dtype, sequential_tiles = jnp.dtype(self.precision), self.sequential
+        # On CPU, with Winograd's blocks, the precision is that of their products alone (their matrices').
+        dtype = jnp.dtype(self.precision if wide is None else jnp.float32)
+        sequential_tiles = self.sequential
 
         def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
@@ -181,6 +183,26 @@ def test_paired_times_take_turns_at_going_first(rounds):
     assert len(a) == len(b) == rounds and min(a + b) >= 0
     expected = "".join("aabb" if r % 2 == 0 else "bbaa" for r in range(rounds))  # best of 2, in turns
     assert "".join(calls) == expected
+
+
+@pytest.mark.parametrize("precision,verdict", [
+    ("float32", True),
+    ("bfloat16", "a float32 goal; this run is bfloat16 (80% of its matmul)"),
+])
+def test_the_matmul_goal_is_judged_in_float32_only(precision, verdict):
+    report = {"end_to_end": {"ratio_to_model_only": 1.0, "paired": {"ratio": 1.0}}, "memory": {"large_over_small": 1.0},
+              "model_only": {"fraction_of_matmul": 0.8}, "compile": {"warm_over_cold": 0.1}, "torch": {},
+              "backend": "cpu", "model": {"precision": precision}}
+    assert bench.targets(report)["model_ge_0.7_matmul"] == verdict
+
+
+def test_a_bfloat16_matmul_reference_sums_in_float32():
+    """As the model's bfloat16 products do, and as a CPU's AMX takes them (a bfloat16 sum it does not)."""
+    a = np.full((256, 256), 1 + 2**-7, np.float32)  # a bfloat16 number; its products' sum is not one
+    square = np.asarray(bench.square()(jnp.asarray(a, jnp.bfloat16)))
+    assert square.dtype == np.float32 and square[0, 0] == pytest.approx(256 * (1 + 2**-7) ** 2, rel=1e-6)
+    rates = bench.matmul_rates(256, 0.05, "bfloat16")
+    assert rates["dtype"] == "bfloat16" and rates["gflops"] == rates["xla_gflops"] > 0 and rates["numpy_gflops"] is None
 
 
 def test_bench_parser_defaults():

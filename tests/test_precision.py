@@ -51,7 +51,9 @@ def test_config_accepts_auto_batch_and_precision():
         RuntimeSection(precision="half")
 
 
-def test_bfloat16_classes_mostly_agree_with_float32(tiny_checkpoint):
+@pytest.mark.parametrize("winograd", ["0", str(TINY.base_width)])  # bfloat16 throughout; the products only
+def test_bfloat16_classes_mostly_agree_with_float32(tiny_checkpoint, monkeypatch, winograd):
+    monkeypatch.setenv("TILEPIPE_WINOGRAD", winograd)
     checkpoint = load_checkpoint(tiny_checkpoint)
     spec = tile_spec(32, 28, TINY.factor)
     x = np.random.default_rng(0).standard_normal((4, 4, spec.read_size, spec.read_size)).astype(np.float32)
@@ -225,6 +227,22 @@ def test_the_predictor_computes_wide_blocks_by_winograd_with_the_same_results(ti
     assert np.abs(a.probabilities.astype(int) - b.probabilities.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("winograd,bfloat16_products", [("0", 3), ("8", 16 * 7), ("128", 0)])
+def test_bfloat16_on_cpu_is_the_winograd_products_only(tiny_checkpoint, monkeypatch, winograd, bfloat16_products):
+    """With Winograd's blocks, bfloat16 on CPU is their matrix multiplies' operands and nothing
+    else (XLA's bfloat16 convolutions are no faster there); without them, the whole pass, as on
+    accelerators (its 2 up-samplings and the head are matrix multiplies too). The tiny model's
+    blocks are 4, 8, 16 and 8, 4 wide: from 8, 6 convolutions, the decoder's first in two
+    parts, each of 16 products."""
+    monkeypatch.setenv("TILEPIPE_WINOGRAD", winograd)
+    predictor = Predictor(load_checkpoint(tiny_checkpoint), tile_spec(32, 16, TINY.factor), 2, precision="bfloat16")
+    lines = predictor.lower(np.uint16).as_text().splitlines()
+    convolutions = [line for line in lines if "stablehlo.convolution" in line]
+    products = [line for line in lines if "stablehlo.dot_general" in line and "bf16>, tensor<" in line]
+    assert len(products) == bfloat16_products
+    assert all(("bf16" in line) == (winograd == "0") for line in convolutions) and convolutions
+
+
 def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     assert Predictor(checkpoint, tile_spec(32, 16, TINY.factor), 2, devices=jax.devices("cpu")[:1]).sequential
@@ -287,11 +305,11 @@ def test_winograd_blocks_compute_by_matrix_multiplies_only():
     ("cpu", "float32", {}, WINOGRAD_WIDTH),
     ("cpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, 64),
     ("cpu", "float32", {"TILEPIPE_WINOGRAD": "0"}, None),
-    ("cpu", "bfloat16", {}, None),  # the transforms would round
+    ("cpu", "bfloat16", {}, WINOGRAD_WIDTH),  # its products in bfloat16, the transforms in float32
     ("gpu", "float32", {}, None),  # accelerators' libraries choose their own algorithms
     ("tpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, None),
 ])
-def test_winograd_is_for_float32_on_cpu(platform, dtype, environ, width):
+def test_winograd_is_for_cpus(platform, dtype, environ, width):
     assert inference_width(platform, dtype, environ) == width
 
 

@@ -58,3 +58,19 @@ def test_odd_or_empty_outputs_are_refused(shape):
     kernel = np.zeros((3, 3, 2, 1), np.float32)
     with pytest.raises(ValueError, match="even output sides"):
         winograd.conv3x3([(np.zeros(shape, np.float32), winograd.transform_kernel(kernel))])
+
+
+def test_bfloat16_matrices_multiply_in_bfloat16_and_sum_in_float32():
+    """The products' operands take the matrices' dtype, their sums float32: the convolution to
+    bfloat16's rounding, and the result float32 whatever the matrices."""
+    rng = np.random.default_rng(2)
+    x, kernel = random(rng, 1, 18, 14, 64), random(rng, 3, 3, 64, 32)
+    matrices = [m.astype(jax.numpy.bfloat16) for m in winograd.transform_kernel(kernel)]
+    got = winograd.conv3x3([(x, matrices)])
+    want = direct(x, kernel)
+    assert got.dtype == np.float32
+    error = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+    assert 1e-4 < error < 2e-2, error  # rounded (not float32's 1e-6), but no more than bfloat16's
+    text = jax.jit(lambda x: winograd.conv3x3([(x, matrices)])).lower(x).as_text()
+    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(products) == 16 and all("bf16>, tensor<64x32xbf16>) -> tensor<" in p and "xf32>" in p for p in products)

@@ -20,7 +20,8 @@ stay float32). For inference, :func:`fold_batch_norm` folds each batch norm's sc
 the convolution before it, leaving a per-channel shift: fewer operations to trace and
 compile, the same function. :func:`winograd_copy` then has the wide blocks compute their
 convolutions by Winograd's F(2x2, 3x3) (:mod:`unet_flax.winograd`), which the predictor
-does on CPU: 2.25x fewer multiplies, the same function to float32 rounding.
+does on CPU: 2.25x fewer multiplies, the same function to float32 rounding (to bfloat16's in
+the products, with the matrices in bfloat16).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _conv3x3(conv: nnx.Conv | WinogradConv, xs: list[jax.Array], dtype, held: Re
         # where a side of ``out`` is odd (F(2x2, 3x3) computes 2x2 blocks), dropped after.
         pads = [(1 - (o0 - w0), 1 - (w1 - o1) + (o1 - o0) % 2) for (o0, o1), (w0, w1) in zip(out, window)]
         y = winograd.conv3x3([(jnp.pad(_crop(x, held, window).astype(dtype), ((0, 0), *pads, (0, 0))),
-                               [m[...].astype(dtype) for m in part]) for x, part in zip(xs, conv.parts)])
+                               [m[...] for m in part]) for x, part in zip(xs, conv.parts)])
         return y[:, :out[0][1] - out[0][0], :out[1][1] - out[1][0]]
     kernel, y, start = conv.kernel[...], None, 0
     for x in xs:
@@ -186,12 +187,14 @@ class Shift(nnx.Module):
 
 class WinogradConv(nnx.Module):
     """An inference copy of a bias-free 3x3 convolution: its kernel as Winograd's 16 matrices
-    (:func:`unet_flax.winograd.transform_kernel`), for each part of its input channels."""
+    (:func:`unet_flax.winograd.transform_kernel`) in ``dtype``, the products' operands, for
+    each part of its input channels."""
 
-    def __init__(self, kernel: jax.Array, splits: tuple[int, ...] = ()):
+    def __init__(self, kernel: jax.Array, splits: tuple[int, ...] = (), dtype=jnp.float32):
         self.out_features = kernel.shape[-1]
         parts = jnp.split(kernel, splits, axis=2) if splits else [kernel]
-        self.parts = nnx.List([nnx.List([nnx.Param(m) for m in winograd.transform_kernel(p)]) for p in parts])
+        self.parts = nnx.List([nnx.List([nnx.Param(m.astype(dtype)) for m in winograd.transform_kernel(p)])
+                               for p in parts])
 
 
 class ConvBlock(nnx.Module):
@@ -281,14 +284,15 @@ def fold_batch_norm(model: UNet) -> UNet:
     return folded
 
 
-def winograd_copy(model: UNet, width: int) -> UNet:
+def winograd_copy(model: UNet, width: int, dtype=jnp.float32) -> UNet:
     """An inference copy of ``model`` whose blocks ``width`` channels wide or wider hold their
     convolutions as :class:`WinogradConv`s (a decoder block's first one in two parts: the
-    up-sampled input's channels, then the skip's); ``model`` itself is left as it is."""
+    up-sampled input's channels, then the skip's), their matrices in ``dtype``; ``model``
+    itself is left as it is."""
     copy = nnx.clone(model)
     for blocks, split in ((copy.down, False), ([copy.bottleneck], False), (copy.up, True)):
         for block in blocks:
             if block.width >= width:
-                block.conv1 = WinogradConv(block.conv1.kernel[...], (block.width,) if split else ())
-                block.conv2 = WinogradConv(block.conv2.kernel[...])
+                block.conv1 = WinogradConv(block.conv1.kernel[...], (block.width,) if split else (), dtype)
+                block.conv2 = WinogradConv(block.conv2.kernel[...], dtype=dtype)
     return copy

@@ -11,7 +11,10 @@ convolution's to float32 rounding (the transforms' coefficients are 0, +-1 and +
 
 The transforms are plain slices, additions and subtractions, which XLA fuses into a few
 loops; the 16 products are 16 separate dots (stacking them into one batched dot costs a copy
-of the transformed input).
+of the transformed input). With the 16 matrices in bfloat16 the products take bfloat16
+operands and sum in float32, the transforms staying float32: the one place on a CPU where
+bfloat16 pays, since XLA gives its bfloat16 units (AMX) such matrix multiplies, never its
+convolutions.
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 def inference_width(platform: str, dtype: str, environ: Mapping[str, str] = os.environ) -> int | None:
     """The width from which the predictor has blocks compute by Winograd
-    (:func:`unet_flax.model.winograd_copy`): :data:`WIDTH` for float32 on CPU, else None
-    (accelerators' libraries choose their own algorithms; bfloat16 would round the
-    transforms). ``TILEPIPE_WINOGRAD=0`` turns it off, ``TILEPIPE_WINOGRAD=N`` sets the width."""
+    (:func:`unet_flax.model.winograd_copy`): :data:`WIDTH` on CPU, in float32 or with
+    bfloat16 products; None on accelerators, whose libraries choose their own algorithms.
+    ``TILEPIPE_WINOGRAD=0`` turns it off, ``TILEPIPE_WINOGRAD=N`` sets the width."""
     chosen = environ.get("TILEPIPE_WINOGRAD", "").strip()
     if chosen and not chosen.isdigit():
         raise ValueError(f"TILEPIPE_WINOGRAD must be a width (0: off), got {chosen!r}")
-    if chosen == "0" or platform != "cpu" or dtype != "float32":
+    if chosen == "0" or platform != "cpu" or dtype not in ("float32", "bfloat16"):
         return None
     return int(chosen) if chosen else WIDTH
 
@@ -84,13 +87,16 @@ def conv3x3(inputs: Sequence[tuple[jax.Array, Sequence[jax.Array]]]) -> jax.Arra
 
     Every ``x`` has the same shape, each side 2 more than an even output side. The sum is
     taken over the products, before the output transform, so a convolution over
-    ``concat(xs)`` along channels is computed without forming the concatenation.
+    ``concat(xs)`` along channels is computed without forming the concatenation. Each
+    product's operands are in the dtype of its matrix in ``u``, its sum in float32, as is
+    the result.
     """
     products = None
     for x, u in inputs:
         if (x.shape[1] - 2) % 2 or (x.shape[2] - 2) % 2 or x.shape[1] < 4 or x.shape[2] < 4:
             raise ValueError(f"Winograd F(2x2, 3x3) needs even output sides, got input {x.shape}")
-        terms = [jnp.dot(v, u[i]) for i, v in enumerate(_input_blocks(x))]
+        terms = [jnp.dot(v.astype(u[i].dtype), u[i], preferred_element_type=jnp.float32)
+                 for i, v in enumerate(_input_blocks(x))]
         products = terms if products is None else [p + t for p, t in zip(products, terms)]
     m = [products[4 * a:4 * a + 4] for a in range(4)]  # m[a][b]: the product for value (a, b) of a block
     columns = [_combine(_AT, [m[a][b] for a in range(4)]) for b in range(4)]  # columns[b][p] = (A^T m)[p, b]
