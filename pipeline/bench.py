@@ -428,18 +428,19 @@ def _child_e2e(workflow_json: str, model: bool = True) -> dict:
     from pipeline.reading import chunks_decoded, start_readers
     from pipeline.runner import batch_parts, resolve_tiling, run_workflow
     from pipeline.sink import resolve_compression, resolve_finishers, start_finishers
-    from pipeline.thread_cpu import ThreadCpu
+    from pipeline.thread_cpu import ThreadCpu, starting
     from pipeline.windows import part_slices
     from unet_flax.checkpoint import file_sha256, read_card
 
     wf = Workflow.model_validate(json.loads(Path(workflow_json).read_text()))
     card = read_card(wf.model.checkpoint)
     t0 = time.perf_counter()
-    configure_jax(str(wf.runtime.compilation_cache))
-    wf, spec = resolve_tiling(wf, card)
-    predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
-                              wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
-    predictor.compile(SCENE_DTYPE)
+    with starting("xla"):  # JAX's devices and first compile start XLA's threads, most of them unnamed
+        configure_jax(str(wf.runtime.compilation_cache))
+        wf, spec = resolve_tiling(wf, card)
+        predictor = get_predictor(str(wf.model.checkpoint), file_sha256(wf.model.checkpoint), spec, wf.tiling.batch,
+                                  wf.output.probabilities, wf.runtime.precision, confidence=wf.output.confidence)
+        predictor.compile(SCENE_DTYPE)
     readers = resolve_readers(wf.runtime.readers, wf.dask.threads)  # as the local cluster's one worker will
     finishers = resolve_finishers(wf.runtime.finishers, jax.default_backend())
     roles = {"readers": start_readers(readers),  # started before the run, like the model

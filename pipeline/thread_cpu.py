@@ -9,11 +9,12 @@ A sample of 60 threads takes about 1 ms: 1% of a core at the bench's 0.1 s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 ROLES = (
@@ -29,6 +30,9 @@ operating system's (the threads of XLA and other libraries); ``native`` for any 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
+_STARTED_BY: dict[int, str] = {}
+"""Unnamed threads of libraries, by thread id: the role of the code that started them (:func:`starting`)."""
+
 
 def role_of(name: str) -> str:
     """The role of a thread called ``name`` (:data:`ROLES`)."""
@@ -36,6 +40,19 @@ def role_of(name: str) -> str:
         if any(mark in name for mark in marks):
             return role
     return "native"
+
+
+@contextlib.contextmanager
+def starting(role: str, task_dir: str = "/proc/self/task") -> Iterator[None]:
+    """The threads that the with-block starts and Python does not know play ``role``: XLA's CPU
+    client starts a dozen unnamed ones with its devices and more at its first compile, which run
+    its compiled code beside its named pool (a thread id the kernel reuses later keeps the role)."""
+    before = set(thread_times(task_dir))
+    try:
+        yield
+    finally:
+        python = {t.native_id for t in threading.enumerate()}
+        _STARTED_BY.update(dict.fromkeys(set(thread_times(task_dir)) - before - python, role))
 
 
 def thread_times(task_dir: str = "/proc/self/task") -> dict[int, tuple[str, float]]:
@@ -80,7 +97,7 @@ class ThreadCpu:
     def __init__(self, interval: float = 0.1, task_dir: str = "/proc/self/task"):
         self._interval, self._task_dir = interval, task_dir
         self._first: dict[int, float] = {}
-        self._last: dict[int, tuple[str, float]] = {}
+        self._last: dict[int, tuple[str, str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tilepipe-thread-cpu", daemon=True)
         self.result: ThreadShare | None = None
@@ -92,7 +109,9 @@ class ThreadCpu:
                 continue
             if first:
                 self._first[tid] = seconds
-            self._last[tid] = (python.get(tid, os_name), seconds)
+            name = python.get(tid, os_name)
+            started_by = None if tid in python else _STARTED_BY.get(tid)
+            self._last[tid] = (name, started_by or role_of(name), seconds)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -108,17 +127,16 @@ class ThreadCpu:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.result = summarise(((name, seconds - self._first.get(tid, 0.0))
-                                 for tid, (name, seconds) in self._last.items()), time.perf_counter() - self._t0)
+        self.result = summarise(((name, role, seconds - self._first.get(tid, 0.0))
+                                 for tid, (name, role, seconds) in self._last.items()), time.perf_counter() - self._t0)
 
 
-def summarise(threads: Iterable[tuple[str, float]], seconds: float) -> ThreadShare:
-    """Threads' (name, CPU seconds) as a :class:`ThreadShare` of ``seconds`` sampled."""
+def summarise(threads: Iterable[tuple[str, str, float]], seconds: float) -> ThreadShare:
+    """Threads' (name, role, CPU seconds) as a :class:`ThreadShare` of ``seconds`` sampled."""
     roles: dict[str, float] = {}
     counts: dict[str, int] = {}
     busiest, busiest_s = None, 0.0
-    for name, cpu in threads:
-        role = role_of(name)
+    for name, role, cpu in threads:
         roles[role] = roles.get(role, 0.0) + cpu
         counts[role] = counts.get(role, 0) + 1
         if cpu > busiest_s:

@@ -1,12 +1,15 @@
 """Per-thread CPU of this process by role: what says whether one thread caps a run."""
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from pipeline.thread_cpu import ThreadCpu, role_of, summarise, thread_times
+from pipeline.thread_cpu import ThreadCpu, role_of, starting, summarise, thread_times
 
 
 @pytest.mark.parametrize(("name", "role"), [
@@ -65,8 +68,38 @@ def test_thread_times_read_each_task_and_names_with_parentheses(tmp_path):
 
 
 def test_summarise_sums_roles_and_keeps_the_busiest():
-    share = summarise([("MainThread", 1.0), ("0-Dask-Default-Threads-1-0", 0.5), ("0-Dask-Default-Threads-1-1", 1.5),
-                       ("python", 0.25)], seconds=4.0)
+    share = summarise([("MainThread", "driver", 1.0), ("0-Dask-Default-Threads-1-0", "tasks", 0.5),
+                       ("0-Dask-Default-Threads-1-1", "tasks", 1.5), ("python", "native", 0.25)], seconds=4.0)
     assert share.roles == {"driver": 1.0, "tasks": 2.0, "native": 0.25}
     assert share.threads == {"driver": 1, "tasks": 2, "native": 1}
     assert (share.busiest, share.busiest_s, share.seconds) == ("0-Dask-Default-Threads-1-1 (tasks)", 1.5, 4.0)
+
+
+
+SQUARES = """
+import contextlib, json, sys, time
+from pipeline.thread_cpu import ThreadCpu, starting
+import jax, jax.numpy as jnp
+with starting("xla") if sys.argv[1] == "claim" else contextlib.nullcontext():
+    x = jnp.ones((256, 256))
+    square = jax.jit(lambda x: x @ x)
+    square(x).block_until_ready()
+with ThreadCpu(interval=0.05) as sampled:
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        square(x).block_until_ready()
+print(json.dumps({"roles": sampled.result.roles, "threads": sampled.result.threads}))
+"""
+
+
+def test_unnamed_threads_take_the_role_of_the_code_that_started_them():
+    """XLA's CPU client starts a dozen threads Python does not know, named after the interpreter,
+    which run its compiled code too; started inside ``starting("xla")`` (in a fresh process,
+    where JAX makes its devices then) they count as XLA's, not as some other library's."""
+    runs = {how: json.loads(subprocess.run([sys.executable, "-c", SQUARES, how], capture_output=True, text=True,
+                                           check=True).stdout.splitlines()[-1])
+            for how in ("claim", "leave")}
+    claimed, left = runs["claim"], runs["leave"]
+    assert claimed["threads"]["xla"] >= left["threads"]["xla"] + 10
+    assert claimed["roles"].get("native", 0.0) <= 0.05 * claimed["roles"]["xla"], claimed
+    assert claimed["roles"]["xla"] > 0.1
