@@ -28,7 +28,13 @@ from unet_flax.model import (
 )
 from unet_flax.winograd import WIDTH as WINOGRAD_WIDTH
 from unet_flax.winograd import inference_width
-from unet_flax.xla_flags import YNN_CONVOLUTIONS_OFF, YNN_CONVOLUTIONS_ON, apply_default_xla_flags, cpu_features
+from unet_flax.xla_flags import (
+    OLDER_EMITTERS,
+    YNN_CONVOLUTIONS_OFF,
+    YNN_CONVOLUTIONS_ON,
+    apply_default_xla_flags,
+    cpu_features,
+)
 
 
 def test_auto_precision_is_bfloat16_on_accelerators_only():
@@ -250,15 +256,15 @@ def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("given,added,expected", [
-    ({}, True, f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=3"),
+    ({}, True, f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=3 {OLDER_EMITTERS}"),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, True,
-     f"--xla_force_host_platform_device_count=2 {YNN_CONVOLUTIONS_OFF}"),
+     f"--xla_force_host_platform_device_count=2 {YNN_CONVOLUTIONS_OFF} {OLDER_EMITTERS}"),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}, True,
      "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION "
-     "--xla_force_host_platform_device_count=3"),
-    ({"XLA_FLAGS": f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1"}, False,
-     f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1"),
-    ({"JAX_NUM_CPU_DEVICES": "1"}, True, YNN_CONVOLUTIONS_OFF),
+     f"--xla_force_host_platform_device_count=3 {OLDER_EMITTERS}"),
+    ({"XLA_FLAGS": f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1 --xla_cpu_use_fusion_emitters=true"},
+     False, f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=1 --xla_cpu_use_fusion_emitters=true"),
+    ({"JAX_NUM_CPU_DEVICES": "1"}, True, f"{YNN_CONVOLUTIONS_OFF} {OLDER_EMITTERS}"),
     ({"TILEPIPE_XLA_DEFAULTS": "0"}, False, None),
 ])
 def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
@@ -275,10 +281,10 @@ def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
 def test_convolutions_go_to_the_library_measured_faster_on_the_cpu(features, chosen):
     environ = {}
     assert apply_default_xla_flags(environ, cores=2, features=frozenset(features))
-    assert environ["XLA_FLAGS"] == f"{chosen} --xla_force_host_platform_device_count=2"
+    assert environ["XLA_FLAGS"] == f"{chosen} --xla_force_host_platform_device_count=2 {OLDER_EMITTERS}"
     mine = {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}  # the user's choice wins on any CPU
     apply_default_xla_flags(mine, cores=2, features=frozenset(features))
-    assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2"
+    assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2 {OLDER_EMITTERS}"
 
 
 def test_winograd_blocks_compute_by_matrix_multiplies_only():
@@ -332,6 +338,7 @@ def test_importing_the_package_applied_the_defaults():
     import os
 
     assert "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+    assert "xla_cpu_use_fusion_emitters" in os.environ.get("XLA_FLAGS", "")
 
 
 def test_flops_per_pixel_of_the_classic_unet():

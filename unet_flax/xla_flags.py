@@ -1,6 +1,6 @@
 """XLA flags tilepipe sets before JAX starts its backend; a user's own flags win.
 
-Two defaults, each measured with ``tilepipe bench``:
+Three defaults, each measured:
 
 * **Convolutions by the library that is faster on this CPU.** XLA's CPU backend hands
   convolutions to YNNPACK by default. On the 2-core AVX2 development machine its Eigen
@@ -16,11 +16,17 @@ Two defaults, each measured with ``tilepipe bench``:
   all of them splitting every operation of one tile; model-only throughput measured 5-17%
   higher with two devices than with one on two cores (5 of 5 paired runs). A batch smaller
   than the device count uses only as many devices as it has tiles.
+* **XLA's older loop emitters.** The forward pass with Winograd's blocks is about 440 fused
+  operations, and compiling their loops is most of a cold compile: 3.9 s with XLA's newer
+  (MLIR) fusion emitters, 2.6 s with the older ones, which ran the pass as fast (a batch of 8
+  on the AVX-512 Xeon, six pairs of processes: best 0.82-0.89 s either way); tests that
+  compile many small models took 17% less. Pinned JAX (< 0.11) still has them.
 
 Set a flag yourself to choose otherwise (for example
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``
 for Eigen's convolutions, ``+`` for YNNPACK's,
-``--xla_force_host_platform_device_count=1`` or ``JAX_NUM_CPU_DEVICES=1``), or
+``--xla_force_host_platform_device_count=1`` or ``JAX_NUM_CPU_DEVICES=1``,
+``--xla_cpu_use_fusion_emitters=true``), or
 ``TILEPIPE_XLA_DEFAULTS=0`` to add nothing.
 """
 
@@ -32,6 +38,7 @@ from collections.abc import MutableMapping
 YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 YNN_CONVOLUTIONS_ON = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+OLDER_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def usable_cores() -> int:
@@ -76,6 +83,8 @@ def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, core
         added.append(convolutions_flag(features))
     if DEVICE_COUNT_FLAG not in flags and "JAX_NUM_CPU_DEVICES" not in environ:
         added.append(f"{DEVICE_COUNT_FLAG}={cores or usable_cores()}")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        added.append(OLDER_EMITTERS)
     if added:
         environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return bool(added)
