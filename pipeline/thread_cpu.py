@@ -26,7 +26,8 @@ ROLES = (
     ("xla", ("tf_", "XLA", "pjrt", "llvm")),
 )
 """A thread's role, by the first of these its name holds: the name Python gave it, else the
-operating system's (the threads of XLA and other libraries); ``native`` for any other."""
+operating system's (the threads of XLA and other libraries); ``native`` for any other, unless
+:func:`starting` saw it start."""
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

@@ -75,7 +75,6 @@ def test_summarise_sums_roles_and_keeps_the_busiest():
     assert (share.busiest, share.busiest_s, share.seconds) == ("0-Dask-Default-Threads-1-1 (tasks)", 1.5, 4.0)
 
 
-
 SQUARES = """
 import contextlib, json, sys, time
 from pipeline.thread_cpu import ThreadCpu, starting
