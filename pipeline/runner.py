@@ -41,7 +41,7 @@ from pipeline import interrupts, outputs, reading
 from pipeline.chunks import ChunkGrid, chunk_users
 from pipeline.config import DaskSection, Workflow
 from pipeline.errors import InputError, WorkflowError, one_line
-from pipeline.infer import backend_of, resolve_batch, resolve_readers
+from pipeline.infer import backend_of, resolve_batch, resolve_precision, resolve_readers
 from pipeline.io import (
     GdalPath,
     InputPath,
@@ -230,11 +230,15 @@ def batch_parts(wf: Workflow) -> int:
     return parts_per_batch(resolve_readers(wf.runtime.readers, wf.dask.threads, backend="gpu"), wf.dask.threads)
 
 
-def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str) -> dict[str, str]:
+def provenance(wf: Workflow, model: ModelRef, job: FileJob, run_id: str, device: str) -> dict[str, str]:
+    """The tags every output of ``job`` carries: what made it, from what, and how (the workers'
+    ``device`` and the precision the model ran in there: bfloat16 changes a few classes)."""
     return {
         "TILEPIPE_MODEL": model.card.name,
         "TILEPIPE_MODEL_SHA256": model.sha256,
         "TILEPIPE_WORKFLOW_SHA256": wf.digest(),
+        "TILEPIPE_DEVICE": device,
+        "TILEPIPE_PRECISION": resolve_precision(wf.runtime.precision, backend_of(device)),
         "TILEPIPE_VERSION": pipeline.__version__,
         "TILEPIPE_INPUT": job.info.path.name,
         "TILEPIPE_INPUT_CHECKSUM": job.fingerprinted().checksum,  # set for every planned job (_plan_or_skip)
@@ -435,7 +439,7 @@ def _execute(client: Client, files: list[FileJob], ctx: RunContext, progress: bo
         t0 = time.perf_counter()
         file.fingerprinted()
         file.checksum_wait_s = time.perf_counter() - t0
-        return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id), finishers)
+        return file.sink.finalize(model.card, provenance(wf, model, file, ctx.run_id, device), finishers)
 
     def forget_chunks(file: FileJob) -> None:
         """Every worker frees its decoded chunks of ``file``: none of its tiles will be read again."""

@@ -54,6 +54,19 @@ def test_every_input_gets_a_mask_on_its_own_grid(tmp_path, make_workflow, crs, d
             assert set(np.unique(out.read(1))) <= {0, 1, 2}
 
 
+@pytest.mark.parametrize("precision,used", [("auto", "float32"), ("bfloat16", "bfloat16")])
+def test_outputs_say_on_what_and_in_what_precision_the_model_ran(tmp_path, make_workflow, precision, used):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_raster(inputs / "a.tif", scene(40, 40))
+    assert run(make_workflow(inputs, runtime={"precision": precision})) == 0
+    with rasterio.open(tmp_path / "out" / "a.tif") as out:
+        tags = out.tags()
+    assert tags["TILEPIPE_PRECISION"] == used and tags["TILEPIPE_DEVICE"].startswith("cpu (")
+    item = json.loads((tmp_path / "out" / "a.item.json").read_text())  # and so does its STAC item
+    assert item["properties"]["tilepipe:precision"] == used
+
+
 def test_nodata_is_exactly_where_the_input_has_none(tmp_path, make_workflow):
     inputs = tmp_path / "in"
     inputs.mkdir()
