@@ -517,7 +517,6 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     from pipeline.windows import plan_tiles, tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel, forward_flops
-    from unet_flax.winograd import inference_width
     from unet_flax.xla_flags import cpu_features, ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
@@ -538,8 +537,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
                       "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
                       "flops_per_pixel": fpp, "flops_per_tile": tile_flops, "precision": precision,
-                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen",
-                      "winograd_width": inference_width(jax.default_backend(), precision)},
+                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen"},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
         }
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
@@ -592,6 +590,7 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
         predictor = Predictor(ckpt, spec, batch, precision=precision)
         batch = predictor.batch  # rounded up to the device count
+        report["model"]["winograd_width"] = predictor.winograd_width  # as the predictor chose it
         x = predictor.put(*inputs)
         reference = np.asarray(predictor.forward(x)[0])
         times = _times(lambda: jax.block_until_ready(predictor.forward(x)), opts.min_seconds)
