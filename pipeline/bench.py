@@ -395,24 +395,27 @@ def _child_compile(checkpoint: str, cache: str, tile: int, halo: int, batch: int
 
 def _no_model(predictor: Any) -> Any:
     """A stand-in for ``predictor``'s compiled forward pass that costs next to nothing: band 1
-    above its mean is class 1, and the confidence is 100; same shapes and dtypes."""
+    above its mean is the second class, and the confidence is 100; same shapes and dtypes."""
     import jax
     import jax.numpy as jnp
 
-    from pipeline.infer import normalise, unpack_valid
+    from pipeline.infer import class_pixels, normalise, unpack_valid
 
     lo, hi = predictor.spec.halo, predictor.spec.halo + predictor.spec.tile
+    classes, codes = predictor.card.unet.num_classes, jnp.asarray(predictor.card.codes)
 
     @jax.jit
-    def forward(state: Any, x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) -> tuple[jax.Array, ...]:
+    def forward(state: Any, x: jax.Array, valid: jax.Array, extents: jax.Array, gain: jax.Array,
+                bias: jax.Array) -> tuple[jax.Array, ...]:
         x, valid = x[:, :1, lo:hi, lo:hi], unpack_valid(valid, x.shape[-1])[:, lo:hi, lo:hi]
-        classes = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.uint8)
-        outputs = (classes,)
+        index = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.int32) * (classes > 1)
+        outputs = (codes[index],)
         if predictor.confidence:
-            outputs += (jnp.full_like(classes, 100),)
+            outputs += (jnp.full(index.shape, 100, jnp.uint8),)
         if predictor.probabilities:
-            outputs += (jnp.full((*classes.shape, predictor.card.unet.num_classes), 50, jnp.uint8),)
-        return outputs
+            outputs += (jnp.full((*index.shape, classes), 50, jnp.uint8),)
+        counts = class_pixels(index, valid, extents, min(classes, 2))  # the model counts every class; these are two
+        return (*outputs, jnp.pad(counts, ((0, 0), (0, classes - min(classes, 2)))))
 
     return forward
 

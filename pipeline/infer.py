@@ -5,7 +5,8 @@ the convolutions, are put on the device once, the forward pass is compiled once 
 ``(batch, bands, S, S)`` (bands first, as read), and a short batch is padded to that shape
 rather than compiled again. The output is only the core of each tile, as uint8 class codes
 (with confidences and probabilities only when asked for: the softmax is computed only
-then), so little crosses back from the device.
+then), so little crosses back from the device, and how many of the written pixels each class
+has, counted there (:func:`class_pixels`), so the host's threads need not go over them again.
 
 With several devices visible the batch is sharded across them along its first axis
 (``NamedSharding(Mesh(devices, ("data",)), P("data"))``, parameters replicated); the batch
@@ -97,6 +98,18 @@ def normalise(x: jax.Array, valid: jax.Array, gain: jax.Array, bias: jax.Array) 
     return jnp.where(valid[:, None], z, jnp.float32(0))
 
 
+def class_pixels(index: jax.Array, valid: jax.Array, extents: jax.Array, classes: int) -> jax.Array:
+    """Pixels of each of ``classes`` (int32, (n, classes)) in the cores of ``n`` tiles as they
+    are written: ``index`` (n, T, T) the class of each core pixel, ``valid`` (n, T, T) where
+    the input has data, ``extents`` (n, 2) the rows and columns of each core inside the raster
+    (0 for a padding tile). The device counts them beside the forward pass, so the host's
+    threads need not go over every written pixel again."""
+    inside = (jnp.arange(index.shape[-2])[:, None] < extents[:, 0, None, None]) \
+        & (jnp.arange(index.shape[-1]) < extents[:, 1, None, None])
+    written = (valid & inside)[..., None] & (index[..., None] == jnp.arange(classes))
+    return jnp.sum(written, axis=(1, 2), dtype=jnp.int32)
+
+
 def resolve_readers(readers: int | str, threads: int | None = None, backend: str | None = None) -> int:
     """Reader processes: a count as given; ``auto`` is none on CPU, where the model is the cost,
     and on accelerators, where reading in one process is (:mod:`pipeline.reading`), one per core
@@ -125,10 +138,12 @@ def backend_of(description: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """Class codes, and the confidence and probabilities (0-100) asked for, of the core of
-    each tile in a batch; ``span`` is when the batch was on the device (``perf_counter``:
-    put, forward and fetch)."""
+    each tile in a batch; how many of the cores' written pixels (inside the raster, where the
+    input has data) each class (model output index) has, over the batch; ``span`` is when the
+    batch was on the device (``perf_counter``: put, forward and fetch)."""
 
     classes: np.ndarray
+    class_pixels: np.ndarray
     span: tuple[float, float]
     confidence: np.ndarray | None = None
     probabilities: np.ndarray | None = None
@@ -171,38 +186,43 @@ class Predictor:
         dtype = jnp.dtype(self.precision if wide is None else jnp.float32)
         sequential_tiles = self.sequential
 
-        def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, gain: jax.Array,
+        classes, ((top, bottom), (left, right)) = len(codes), spec.core
+
+        def predict(model: nnx.Module, x: jax.Array, valid: jax.Array, extents: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:
-            """Codes, then confidence and probabilities where asked for (the softmax only then)."""
+            """Codes, then confidence and probabilities where asked for (the softmax only then),
+            then each class's pixels in the cores (:func:`class_pixels`)."""
             valid = unpack_valid(valid, x.shape[-1])
             x = jnp.moveaxis(normalise(x, valid, gain, bias), 1, -1)  # bands arrive first, as read; the model takes them last
             logits = model(x, dtype=dtype, core=spec.core)  # the decoder works for the cores only
-            outputs = (codes[jnp.argmax(logits, axis=-1)],)
+            index = jnp.argmax(logits, axis=-1)
+            outputs = (codes[index],)
             if confidence or probabilities:
                 probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
                 if confidence:
                     outputs += (jnp.round(100 * jnp.max(probs, axis=-1)).astype(jnp.uint8),)
                 if probabilities:
                     outputs += (jnp.round(100 * probs).astype(jnp.uint8),)
-            return outputs
+            return (*outputs, class_pixels(index, valid[:, top:bottom, left:right], extents, classes))
 
-        def tile_by_tile(state: nnx.State, x: jax.Array, valid: jax.Array, gain: jax.Array,
+        def tile_by_tile(state: nnx.State, x: jax.Array, valid: jax.Array, extents: jax.Array, gain: jax.Array,
                          bias: jax.Array) -> tuple[jax.Array, ...]:
             """One device's share of the batch, one tile after another."""
             model = nnx.merge(graphdef, state)
-            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, tile[0][None], tile[1][None],
-                                                                            gain, bias)), (x, valid))
+            return jax.lax.map(lambda tile: tuple(out[0] for out in predict(model, *(part[None] for part in tile),
+                                                                            gain, bias)), (x, valid, extents))
 
         batched, shared = self.input_sharding, replicated
 
-        @functools.partial(jax.jit, in_shardings=(shared, batched, batched, shared, shared), out_shardings=batched)
-        def forward(state: nnx.State, x: jax.Array, valid: jax.Array, gain: jax.Array,
+        @functools.partial(jax.jit, in_shardings=(shared, batched, batched, batched, shared, shared),
+                           out_shardings=batched)
+        def forward(state: nnx.State, x: jax.Array, valid: jax.Array, extents: jax.Array, gain: jax.Array,
                     bias: jax.Array) -> tuple[jax.Array, ...]:
             if sequential_tiles:
                 split, whole = PartitionSpec("data"), PartitionSpec()
-                return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(whole, split, split, whole, whole),
-                                     out_specs=split, check_vma=False)(state, x, valid, gain, bias)
-            return predict(nnx.merge(graphdef, state), x, valid, gain, bias)
+                return jax.shard_map(tile_by_tile, mesh=mesh, in_specs=(whole, split, split, split, whole, whole),
+                                     out_specs=split, check_vma=False)(state, x, valid, extents, gain, bias)
+            return predict(nnx.merge(graphdef, state), x, valid, extents, gain, bias)
 
         self._forward = forward
         # On CPU one batch already keeps every core busy: a second one at the same time (from
@@ -226,13 +246,18 @@ class Predictor:
             valid = np.concatenate([valid, np.zeros((self.batch - n, *packed[1:]), np.uint8)])
         return x, valid
 
-    def put(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None) -> tuple[jax.Array, ...]:
+    def put(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None,
+            extents: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """A padded batch as read on the device(s), sharded as the forward pass expects, with the
-        gain and bias of ``normaliser`` (a :class:`pipeline.io.Normaliser`; None: ``x`` is normalised
-        already)."""
+        rows and columns of each core inside the raster (``extents``, (n, 2); None: whole
+        cores) and the gain and bias of ``normaliser`` (a :class:`pipeline.io.Normaliser`;
+        None: ``x`` is normalised already)."""
+        n = x.shape[0]
         x, valid = self.pad(x, valid)
+        sizes = np.zeros((self.batch, 2), np.int32)  # a padding tile writes nothing
+        sizes[:n] = self.spec.tile if extents is None else extents
         return (jax.device_put(x, self.input_sharding), jax.device_put(valid, self.input_sharding),
-                *self._scale(normaliser))
+                jax.device_put(sizes, self.input_sharding), *self._scale(normaliser))
 
     def _scale(self, normaliser: Any) -> tuple[jax.Array, jax.Array]:
         """``normaliser``'s gain and bias on the device(s), put there once."""
@@ -247,16 +272,19 @@ class Predictor:
         (async dispatch)."""
         return self._forward(self._state, *batch)
 
-    def __call__(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None) -> Prediction:
+    def __call__(self, x: np.ndarray, valid: np.ndarray | None = None, normaliser: Any = None,
+                 extents: np.ndarray | None = None) -> Prediction:
         """Predict ``n <= batch`` tiles of shape (n, bands, S, S), as :meth:`put` takes them; the
         batch is padded."""
         n = x.shape[0]
         with self._turns:
             start = time.perf_counter()
-            outputs = iter([np.asarray(out)[:n] for out in self.forward(self.put(x, valid, normaliser))])
+            outputs = [np.asarray(out)[:n] for out in self.forward(self.put(x, valid, normaliser, extents))]
             span = (start, time.perf_counter())
-        return Prediction(next(outputs), span, next(outputs) if self.confidence else None,
-                          next(outputs) if self.probabilities else None)
+        *maps, pixels = outputs
+        maps = iter(maps)
+        return Prediction(next(maps), pixels.sum(axis=0, dtype=np.int64), span,
+                          next(maps) if self.confidence else None, next(maps) if self.probabilities else None)
 
     def lower(self, dtype: Any = np.float32) -> Any:
         """Trace and lower the forward pass for the batch shape, its values in ``dtype`` (Python
@@ -265,8 +293,9 @@ class Predictor:
         x = jax.ShapeDtypeStruct(self.input_shape, np.dtype(dtype), sharding=self.input_sharding)
         valid = jax.ShapeDtypeStruct(packed_shape(self.batch, self.input_shape[-1]), np.dtype(np.uint8),
                                      sharding=self.input_sharding)
+        extents = jax.ShapeDtypeStruct((self.batch, 2), np.dtype(np.int32), sharding=self.input_sharding)
         scale = jax.ShapeDtypeStruct((bands,), np.dtype(np.float32), sharding=self._replicated)
-        return self._forward.lower(self._state, x, valid, scale, scale)
+        return self._forward.lower(self._state, x, valid, extents, scale, scale)
 
     def compile(self, dtype: Any = np.float32) -> Any:
         """Lower and compile the forward pass for the batch shape, its values in ``dtype`` (uses

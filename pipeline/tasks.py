@@ -33,7 +33,7 @@ from pipeline.reading import (
     read_tiles,
     reader_pool,
 )
-from pipeline.stitch import class_counts, place
+from pipeline.stitch import code_pixels, place
 from pipeline.windows import Tile, TileSpec, core_blocks
 
 
@@ -134,7 +134,8 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
     configure_jax(job.compilation_cache)
     predictor = get_predictor(job.checkpoint, job.checkpoint_sha256, job.spec, job.batch, job.with_probabilities,
                               job.precision, confidence=job.with_confidence)
-    prediction = predictor(inputs.x, inputs.valid, job.normaliser)
+    extents = np.array([(t.core.height, t.core.width) for t in job.tiles], np.int32)
+    prediction = predictor(inputs.x, inputs.valid, job.normaliser, extents)
     probabilities = None if prediction.probabilities is None else np.moveaxis(prediction.probabilities, -1, 1)
     blocks = []
     for window, members in core_blocks(job.tiles):
@@ -142,7 +143,7 @@ def predict_inputs(job: BatchJob, inputs: BatchInputs) -> BatchResult:
         blocks.append(BlockResult(window, placed(prediction.classes),
                                   placed(prediction.confidence) if job.with_confidence else None,
                                   placed(probabilities) if job.with_probabilities else None))
-    pixels = sum(class_counts(b.classes) for b in blocks)
+    pixels = code_pixels(prediction.class_pixels, predictor.card.codes, int(extents.prod(axis=1).sum()))
     return BatchResult(tuple(blocks), len(job.tiles), pixels, device_description(),
                        f"{socket.gethostname()}/{os.getpid()}", prediction.span)
 

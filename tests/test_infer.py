@@ -65,6 +65,24 @@ def test_receptive_radius_bounds_the_measured_gradient_support(config):
     assert 0.5 * config.receptive_radius < reach <= config.receptive_radius
 
 
+def test_the_device_counts_each_class_in_the_written_part_of_the_cores(tiny_checkpoint):
+    spec = tile_spec(32, 28, TINY.factor)
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    predictor = Predictor(checkpoint, spec, batch=4)  # three tiles and a padding one
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, spec.read_size, spec.read_size)).astype(np.float32)
+    valid = rng.random((3, spec.read_size, spec.read_size)) > 0.3
+    extents = np.array([(32, 32), (32, 5), (17, 32)], np.int32)  # a whole core, then two at the raster's edge
+    out = predictor(x, pack_valid(valid), None, extents)
+    index = np.zeros(256, int)
+    index[checkpoint.card.codes] = np.arange(len(checkpoint.card.codes))
+    want = sum(np.bincount(index[out.classes[i, :h, :w]][valid[i, 28 : 28 + h, 28 : 28 + w]], minlength=3)
+               for i, (h, w) in enumerate(extents))
+    np.testing.assert_array_equal(out.class_pixels, want)
+    assert out.class_pixels.dtype == np.int64 and out.class_pixels.sum() < 0.7 * (32 * 32 + 32 * 5 + 17 * 32)
+    assert predictor(x).class_pixels.sum() == 3 * 32 * 32  # whole cores, every pixel valid
+
+
 def test_short_batches_are_padded_and_compiled_once(tiny_checkpoint):
     spec = tile_spec(32, 28, TINY.factor)
     predictor = Predictor(load_checkpoint(tiny_checkpoint), spec, batch=4)

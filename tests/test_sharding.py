@@ -38,7 +38,11 @@ SCRIPT = textwrap.dedent("""
     raw = np.random.default_rng(1).integers(0, 10000, (3, 4, spec.read_size, spec.read_size)).astype(np.uint16)
     valid = pack_valid(raw[:, 0] > 1000)  # a tenth of the pixels are not
     norm = Normaliser((1e-4,) * 4, (0.0,) * 4, (0.5,) * 4, (0.25,) * 4)
-    np.testing.assert_array_equal(sharded(raw, valid, norm).classes, single(raw, valid, norm).classes)
+    extents = np.array([(32, 32), (9, 32), (32, 20)], np.int32)
+    c, d = sharded(raw, valid, norm, extents), single(raw, valid, norm, extents)
+    np.testing.assert_array_equal(c.classes, d.classes)
+    np.testing.assert_array_equal(c.class_pixels, d.class_pixels)
+    assert 0 < c.class_pixels.sum() < 32 * 32 + 9 * 32 + 32 * 20
     assert sharded.sequential  # each CPU device runs its share tile by tile
     batched = Predictor(checkpoint, spec, batch=3, sequential=False)
     assert (batched(x).classes == a.classes).mean() >= 0.999

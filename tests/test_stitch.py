@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 from rasterio.windows import Window
 
-from pipeline.stitch import NODATA, class_counts, place
+from pipeline.stitch import NODATA, code_pixels, place
 from pipeline.windows import core_blocks, tile_batches, tile_spec
 
 
@@ -34,16 +33,11 @@ def test_a_block_holds_each_cores_prediction_clipped_with_nodata_where_the_input
         np.testing.assert_array_equal(got[..., rows, cols], want)
 
 
-@given(arrays(np.uint8, st.tuples(st.integers(0, 5), st.integers(0, 9), st.integers(0, 9))), st.booleans())
-def test_class_counts_are_those_of_bincount(codes, transposed):
-    codes = codes.transpose(2, 0, 1) if transposed else codes  # any layout, odd sizes and empty ones too
-    counts = class_counts(codes)
-    assert counts.shape == (256,)
-    np.testing.assert_array_equal(counts, np.bincount(codes.ravel(), minlength=256))
-
-
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 31, 32, 33, 1001])
-def test_class_counts_are_exact_across_the_pieces_they_are_widened_in(size):
-    codes = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-    for piece in (1, 3, 8, 16, 64):  # pieces of pairs: sizes around 2 * piece and beyond
-        np.testing.assert_array_equal(class_counts(codes, piece), np.bincount(codes, minlength=256))
+@given(st.data(), st.integers(1, 6), st.integers(0, 300))
+def test_a_batchs_code_counts_are_those_of_the_pixels_it_writes(data, classes, size):
+    codes = np.array(data.draw(st.lists(st.integers(0, 254), min_size=classes, max_size=classes, unique=True)), np.uint8)
+    index = np.array(data.draw(st.lists(st.integers(0, classes - 1), min_size=size, max_size=size)), int)
+    valid = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)), bool)
+    written = np.where(valid, codes[index], NODATA)  # as placed: nodata where the input has none
+    pixels = code_pixels(np.bincount(index[valid], minlength=classes), codes, size)
+    np.testing.assert_array_equal(pixels, np.bincount(written, minlength=256))
