@@ -403,19 +403,20 @@ def _no_model(predictor: Any) -> Any:
 
     lo, hi = predictor.spec.halo, predictor.spec.halo + predictor.spec.tile
     classes, codes = predictor.card.unet.num_classes, jnp.asarray(predictor.card.codes)
+    two = min(classes, 2)  # the stand-in's classes
 
     @jax.jit
     def forward(state: Any, x: jax.Array, valid: jax.Array, extents: jax.Array, gain: jax.Array,
                 bias: jax.Array) -> tuple[jax.Array, ...]:
         x, valid = x[:, :1, lo:hi, lo:hi], unpack_valid(valid, x.shape[-1])[:, lo:hi, lo:hi]
-        index = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.int32) * (classes > 1)
+        index = (normalise(x, valid, gain[:1], bias[:1])[:, 0] > 0).astype(jnp.int32) * (two - 1)
         outputs = (codes[index],)
         if predictor.confidence:
             outputs += (jnp.full(index.shape, 100, jnp.uint8),)
         if predictor.probabilities:
             outputs += (jnp.full((*index.shape, classes), 50, jnp.uint8),)
-        counts = class_pixels(index, valid, extents, min(classes, 2))  # the model counts every class; these are two
-        return (*outputs, jnp.pad(counts, ((0, 0), (0, classes - min(classes, 2)))))
+        counts = class_pixels(index, valid, extents, two)  # as the model counts its classes, the others none
+        return (*outputs, jnp.pad(counts, ((0, 0), (0, classes - two))))
 
     return forward
 

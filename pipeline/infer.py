@@ -178,7 +178,7 @@ class Predictor:
         self._identity = (np.ones(bands, np.float32), np.zeros(bands, np.float32))
         self._scales: dict[Any, tuple[jax.Array, jax.Array]] = {}
         model = fold_batch_norm(checkpoint.model)
-        self.winograd_width = wide = inference_width(backend, self.precision)
+        self.winograd_width = wide = inference_width(backend)
         graphdef, state = nnx.split(model if wide is None else winograd_copy(model, wide, self.precision))
         self._state = jax.device_put(state, replicated)
         codes = jnp.asarray(checkpoint.card.codes)

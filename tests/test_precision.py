@@ -307,21 +307,20 @@ def test_winograd_blocks_compute_by_matrix_multiplies_only():
     assert copy.up[0].conv1.parts[1][0][...].shape == (64, 64) and isinstance(copy.up[1].conv1, nnx.Conv)
 
 
-@pytest.mark.parametrize("platform,dtype,environ,width", [
-    ("cpu", "float32", {}, WINOGRAD_WIDTH),
-    ("cpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, 64),
-    ("cpu", "float32", {"TILEPIPE_WINOGRAD": "0"}, None),
-    ("cpu", "bfloat16", {}, WINOGRAD_WIDTH),  # its products in bfloat16, the transforms in float32
-    ("gpu", "float32", {}, None),  # accelerators' libraries choose their own algorithms
-    ("tpu", "float32", {"TILEPIPE_WINOGRAD": "64"}, None),
+@pytest.mark.parametrize("platform,environ,width", [
+    ("cpu", {}, WINOGRAD_WIDTH),  # in either precision (bfloat16: test_bfloat16_on_cpu_is_the_winograd_products_only)
+    ("cpu", {"TILEPIPE_WINOGRAD": "64"}, 64),
+    ("cpu", {"TILEPIPE_WINOGRAD": "0"}, None),
+    ("gpu", {}, None),  # accelerators' libraries choose their own algorithms
+    ("tpu", {"TILEPIPE_WINOGRAD": "64"}, None),
 ])
-def test_winograd_is_for_cpus(platform, dtype, environ, width):
-    assert inference_width(platform, dtype, environ) == width
+def test_winograd_is_for_cpus(platform, environ, width):
+    assert inference_width(platform, environ) == width
 
 
 def test_winograd_width_from_the_environment_is_checked():
     with pytest.raises(ValueError, match="TILEPIPE_WINOGRAD must be a width"):
-        inference_width("cpu", "float32", {"TILEPIPE_WINOGRAD": "yes"})
+        inference_width("cpu", {"TILEPIPE_WINOGRAD": "yes"})
 
 
 def test_cpu_features_are_read_from_cpuinfo(tmp_path):

@@ -39,15 +39,15 @@ _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 """The output transform A^T: 4x4 products m become the 2x2 outputs A^T m A."""
 
 
-def inference_width(platform: str, dtype: str, environ: Mapping[str, str] = os.environ) -> int | None:
+def inference_width(platform: str, environ: Mapping[str, str] = os.environ) -> int | None:
     """The width from which the predictor has blocks compute by Winograd
-    (:func:`unet_flax.model.winograd_copy`): :data:`WIDTH` on CPU, in float32 or with
-    bfloat16 products; None on accelerators, whose libraries choose their own algorithms.
-    ``TILEPIPE_WINOGRAD=0`` turns it off, ``TILEPIPE_WINOGRAD=N`` sets the width."""
+    (:func:`unet_flax.model.winograd_copy`): :data:`WIDTH` on CPU, in either precision (in
+    bfloat16, the products only); None on accelerators, whose libraries choose their own
+    algorithms. ``TILEPIPE_WINOGRAD=0`` turns it off, ``TILEPIPE_WINOGRAD=N`` sets the width."""
     chosen = environ.get("TILEPIPE_WINOGRAD", "").strip()
     if chosen and not chosen.isdigit():
         raise ValueError(f"TILEPIPE_WINOGRAD must be a width (0: off), got {chosen!r}")
-    if chosen == "0" or platform != "cpu" or dtype not in ("float32", "bfloat16"):
+    if chosen == "0" or platform != "cpu":
         return None
     return int(chosen) if chosen else WIDTH
 
