@@ -29,11 +29,13 @@ from unet_flax.model import (
 from unet_flax.winograd import WIDTH as WINOGRAD_WIDTH
 from unet_flax.winograd import inference_width
 from unet_flax.xla_flags import (
+    MEASURED_JAXLIB,
     OLDER_EMITTERS,
     YNN_CONVOLUTIONS_OFF,
     YNN_CONVOLUTIONS_ON,
     apply_default_xla_flags,
     cpu_features,
+    jaxlib_release,
 )
 
 
@@ -269,8 +271,19 @@ def test_cpu_devices_run_tile_by_tile_by_default(tiny_checkpoint):
 ])
 def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
     environ = dict(given)
-    assert apply_default_xla_flags(environ, cores=3, features=frozenset({"avx2", "fma"})) is added
+    assert apply_default_xla_flags(environ, cores=3, features=frozenset({"avx2", "fma"}), jaxlib="0.10") is added
     assert environ.get("XLA_FLAGS") == expected
+
+
+@pytest.mark.parametrize("jaxlib", ["0.11", "0.9"])
+def test_cpu_flags_only_under_the_jaxlib_they_were_measured_on(jaxlib):
+    # XLA ends a process whose XLA_FLAGS names a flag it does not know
+    environ = {}
+    assert apply_default_xla_flags(environ, cores=3, features=frozenset({"avx512f"}), jaxlib=jaxlib)
+    assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    mine = {"XLA_FLAGS": OLDER_EMITTERS}
+    apply_default_xla_flags(mine, cores=3, jaxlib=jaxlib)
+    assert mine["XLA_FLAGS"] == f"{OLDER_EMITTERS} --xla_force_host_platform_device_count=3"
 
 
 @pytest.mark.parametrize("features,chosen", [
@@ -280,10 +293,10 @@ def test_xla_defaults_leave_the_users_flags_alone(given, added, expected):
 ])
 def test_convolutions_go_to_the_library_measured_faster_on_the_cpu(features, chosen):
     environ = {}
-    assert apply_default_xla_flags(environ, cores=2, features=frozenset(features))
+    assert apply_default_xla_flags(environ, cores=2, features=frozenset(features), jaxlib="0.10")
     assert environ["XLA_FLAGS"] == f"{chosen} --xla_force_host_platform_device_count=2 {OLDER_EMITTERS}"
     mine = {"XLA_FLAGS": YNN_CONVOLUTIONS_OFF}  # the user's choice wins on any CPU
-    apply_default_xla_flags(mine, cores=2, features=frozenset(features))
+    apply_default_xla_flags(mine, cores=2, features=frozenset(features), jaxlib="0.10")
     assert mine["XLA_FLAGS"] == f"{YNN_CONVOLUTIONS_OFF} --xla_force_host_platform_device_count=2 {OLDER_EMITTERS}"
 
 
@@ -336,6 +349,7 @@ def test_cpu_features_are_read_from_cpuinfo(tmp_path):
 def test_importing_the_package_applied_the_defaults():
     import os
 
+    assert jaxlib_release() == MEASURED_JAXLIB  # as pinned
     assert "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
     assert "xla_cpu_use_fusion_emitters" in os.environ.get("XLA_FLAGS", "")
 

@@ -22,6 +22,12 @@ Three defaults, each measured:
   on the AVX-512 Xeon, six pairs of processes: best 0.82-0.89 s either way); tests that
   compile many small models took 17% less. Pinned JAX (< 0.11) still has them.
 
+The first and third are flags of XLA's CPU backend as jaxlib 0.10 knows them
+(:data:`MEASURED_JAXLIB`). XLA ends a process whose ``XLA_FLAGS`` names a flag it does not
+know, whatever its device, and such flags come and go between releases (the older emitters are
+being retired upstream), so under any other jaxlib (a GPU machine's image, say) only the device
+count, a flag XLA has long had, is added.
+
 Set a flag yourself to choose otherwise (for example
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``
 for Eigen's convolutions, ``+`` for YNNPACK's,
@@ -39,6 +45,18 @@ YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_T
 YNN_CONVOLUTIONS_ON = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 OLDER_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+MEASURED_JAXLIB = "0.10"
+"""The jaxlib release (major.minor) whose XLA the CPU flags were measured on and are known to."""
+
+
+def jaxlib_release() -> str | None:
+    """This environment's jaxlib as major.minor (None where it has none): its version module
+    alone, which starts no backend (2 ms, where ``importlib.metadata`` took 30)."""
+    try:
+        from jaxlib.version import __version__
+    except ImportError:
+        return None
+    return ".".join(__version__.split(".")[:2])
 
 
 def usable_cores() -> int:
@@ -69,21 +87,24 @@ def convolutions_flag(features: frozenset[str] | None = None) -> str:
 
 
 def apply_default_xla_flags(environ: MutableMapping[str, str] = os.environ, cores: int | None = None,
-                            features: frozenset[str] | None = None) -> bool:
-    """Add tilepipe's XLA defaults to ``XLA_FLAGS``, each unless the user chose it already.
+                            features: frozenset[str] | None = None, jaxlib: str | None = None) -> bool:
+    """Add tilepipe's XLA defaults to ``XLA_FLAGS``, each unless the user chose it already, the
+    CPU backend's own only under :data:`MEASURED_JAXLIB` (``jaxlib``: major.minor; by default
+    the installed one's).
 
     Must run before JAX creates its backend (it reads ``XLA_FLAGS`` once, then); the
     packages call it on import. Returns whether any flag was added.
     """
     if environ.get("TILEPIPE_XLA_DEFAULTS", "1") == "0":
         return False
+    known = (jaxlib or jaxlib_release()) == MEASURED_JAXLIB
     flags = environ.get("XLA_FLAGS", "")
     added = []
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    if known and "xla_cpu_experimental_ynn_fusion_type" not in flags:
         added.append(convolutions_flag(features))
     if DEVICE_COUNT_FLAG not in flags and "JAX_NUM_CPU_DEVICES" not in environ:
         added.append(f"{DEVICE_COUNT_FLAG}={cores or usable_cores()}")
-    if "xla_cpu_use_fusion_emitters" not in flags:
+    if known and "xla_cpu_use_fusion_emitters" not in flags:
         added.append(OLDER_EMITTERS)
     if added:
         environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
