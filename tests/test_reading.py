@@ -247,8 +247,10 @@ def test_readers_end_with_their_worker(tmp_path, how):
     """Killed (no atexit, no pool shutdown: as the out-of-memory killer would), or Ctrl-C in a
     terminal, which reaches every process of the group: the readers leave it to the worker."""
     worker = subprocess.Popen([sys.executable, "-c", (
-        "import sys\n"
+        "import signal, sys\n"
         "from pipeline import reading\n"
+        # as a terminal's Python has it, whatever this test inherited (a background job ignores SIGINT)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "try:\n"
         "    reading.start_readers(2)\n"
         "    print(*[p.pid for p in reading.reader_pool(2)._processes.values()], flush=True)\n"
