@@ -121,9 +121,9 @@ def _small_pages() -> None:
 
     A child inherits the command's ``glibc.malloc.hugetlb=1`` (:mod:`pipeline.launch`: for
     XLA's scratch memory), under which glibc asks for huge pages for its heap, and the kernel
-    then zeroes 2 MB at a fault as the heap grows: in 16 readers and 2 finishers beside a run
-    (2 cores, host emulation) 17-25% of their CPU, readers 75-77 ms per Mpx written against 61-65
-    without, finishers 14-16 against 11-12. Children never run XLA."""
+    then zeroes 2 MB at a fault as the heap grows: 16 readers and 2 finishers beside a run
+    (2 cores, host emulation) took 73-78 and 14-15 ms of CPU per Mpx written with huge pages,
+    64-67 and 11-12 without. Children never run XLA."""
     if sys.platform != "linux":
         return
     with contextlib.suppress(OSError, AttributeError):

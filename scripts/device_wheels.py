@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ON_DEVICE = frozenset("""
     absl-py aiofiles attrs certifi click cloudpickle etils flax fsspec humanize jax jaxlib jinja2
@@ -39,10 +39,6 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 
 
-def _name(text: str) -> str:
-    return re.sub(r"[-_.]+", "-", text).lower()
-
-
 def carried(python: str = "3.12", root: str = "tilepipe") -> list[str]:
     """``root``'s runtime dependencies and theirs (with the extras each asks for) on Linux
     with ``python`` that the image lacks, each pinned to the version installed here."""
@@ -57,7 +53,7 @@ def carried(python: str = "3.12", root: str = "tilepipe") -> list[str]:
             if requirement.marker is not None and not any(
                     requirement.marker.evaluate({**environment, "extra": extra}) for extra in {"", *extras}):
                 continue
-            name, asked = _name(requirement.name), frozenset(requirement.extras)
+            name, asked = canonicalize_name(requirement.name), frozenset(requirement.extras)
             if (name, asked) not in followed:
                 followed.add((name, asked))
                 if name not in LEFT_OUT and name not in ON_DEVICE:  # the image holds what those need
