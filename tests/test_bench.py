@@ -21,7 +21,8 @@ from unet_flax.xla_flags import YNN_CONVOLUTIONS_ON, convolutions_flag
 
 def test_quick_bench_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["--quick", "--scenes", "2", "--readers", "2", "--finishers", "1", "--block", "128", "--json", str(out),
+    args = ["--quick", "--scenes", "2", "--threads", "2", "--readers", "2", "--finishers", "1", "--block", "128",
+            "--json", str(out),
             "--output-compression", "zstd", "--workdir", str(tmp_path / "work")]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
@@ -45,6 +46,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert report["model"]["winograd_width"] == WINOGRAD_WIDTH  # float32 on CPU
     assert e2e["scenes"] == 2 and e2e["pixels"] == 2 * 512**2  # two copies of the scene, both written
     assert e2e["readers"] == 2  # read in reader processes, as on an accelerator
+    assert e2e["dask_threads"] == 2 and set(e2e["threads"]) >= {"ms_per_mpx", "busiest"}  # the setting, and the CPU
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
     assert e2e["peak_rss_mb"] > 50 and 0 < e2e["peak_pss_mb"] <= e2e["peak_rss_mb"] * 1.05
     assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
@@ -331,8 +333,6 @@ def test_a_childs_own_peak_is_its_own_not_its_parents():
 def test_the_pytorch_twin_computes_the_flax_logits_on_a_core(core):
     """Where torch is installed (the bench extra): the comparison's two networks do the same work."""
     torch = pytest.importorskip("torch")
-    import jax
-
     from pipeline.torch_unet import torch_input, torch_unet_from_flax
     from unet_flax.model import UNetConfig, create_unet
 
