@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.thread_cpu import ThreadCpu, role_of, starting, summarise, thread_times
+from pipeline.thread_cpu import ThreadCpu, role_of, summarise, thread_times
 
 
 @pytest.mark.parametrize(("name", "role"), [
