@@ -47,6 +47,7 @@ def test_quick_bench_reports_every_field(tmp_path, capsys):
     assert e2e["scenes"] == 2 and e2e["pixels"] == 2 * 512**2  # two copies of the scene, both written
     assert e2e["readers"] == 2  # read in reader processes, as on an accelerator
     assert e2e["dask_threads"] == 2 and set(e2e["threads"]) >= {"ms_per_mpx", "busiest"}  # the setting, and the CPU
+    assert "peak RSS" in table and ", 2 Dask threads, 2 reader processes" in table
     assert e2e["size"] == 512 and e2e["bands"] == 4 and e2e["mpx_per_s"] > 0 and e2e["ratio_to_model_only"] > 0
     assert e2e["peak_rss_mb"] > 50 and 0 < e2e["peak_pss_mb"] <= e2e["peak_rss_mb"] * 1.05
     assert model["timed_batches"] >= 3 and 0 < model["median_mpx_per_s"] <= model["mpx_per_s"]
@@ -128,6 +129,7 @@ def test_host_only_runs_the_host_ceiling_alone_as_often_as_asked(tmp_path, capsy
     report, table = json.loads(out.read_text()), capsys.readouterr().out
     assert report["host_only"] and not set(report) & {"model_only", "compile", "memory", "end_to_end"}
     assert (report["readers"], report["finishers"]) == (2, 1) and report["compression"] == {"codec": "zstd", "level": 1}
+    assert report["threads"] == 2 and "2 Dask threads, 2 readers" in table  # the workflow's default, as run
     assert len(report["runs"]) == 2 and report["scene"]["size"] == 512
     for run in report["runs"]:
         cpu = run["cpu_ms_per_mpx"]
@@ -158,6 +160,7 @@ def test_host_only_with_memory_compares_two_sizes_at_the_same_settings(tmp_path,
     assert memory["large_over_small"] == pytest.approx(memory["large"]["peak_rss_mb"] / memory["small"]["peak_rss_mb"])
     assert f"x{memory['large_over_small']:.2f}, the model's cost taken out" in table
     assert report["read_parts"] == 1 and "(each batch in" not in table  # --quick's batches of 4 are one part each
+    assert report["threads"] == 1 and "1 Dask thread, 2 readers" in table
 
 
 @pytest.mark.parametrize("args, message", [

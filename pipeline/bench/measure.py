@@ -208,7 +208,7 @@ def _end_to_end(report: dict[str, Any], e2e: dict[str, Any], bands: int, opts: B
     e2e_mpx = e2e["pixels"] / e2e["seconds"] / 1e6
     model_only = report["model_only"]
     report["end_to_end"] = {"size": opts.size, "scenes": opts.scenes, "pixels": e2e["pixels"],
-                            "bands": bands, "dask_threads": opts.threads,  # None: the workflow's default
+                            "bands": bands, "dask_threads": e2e["dask_threads"],
                             "readers": e2e["readers"], "read_parts": e2e["read_parts"],
                             "finishers": e2e["finishers"], "seconds": e2e["seconds"],
                             "compression": e2e["compression"],
@@ -276,14 +276,14 @@ def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
             "model": {"depth": cfg.depth, "base_width": cfg.base_width, "in_bands": cfg.in_bands,
                       "num_classes": cfg.num_classes, "precision": precision},
             "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
-            "batch": {"value": opts.batch, "auto": False}, "scenes": opts.scenes, "threads": opts.threads,
+            "batch": {"value": opts.batch, "auto": False}, "scenes": opts.scenes,
             "scene": scene_layout(scene, cfg.in_bands, opts), "runs": []}
         echo(f"host ceiling on {report['device']}: {opts.scenes} x {opts.size}^2, batch {opts.batch}, {precision}")
         for i in range(opts.host_runs):
             run = run_e2e(work, f"host-{i}", scene_dir, checkpoint, spec, opts.batch, work / "jax-cache", precision,
                            opts, model=False)
-            report.update(readers=run["readers"], read_parts=run["read_parts"], finishers=run["finishers"],
-                          compression=run["compression"])
+            report.update(threads=run["dask_threads"], readers=run["readers"], read_parts=run["read_parts"],
+                          finishers=run["finishers"], compression=run["compression"])
             report["runs"].append(host_summary(run, report["scene"], opts))
             echo(f"run {i + 1}: {report['runs'][-1]['mpx_per_s']:.1f} Mpx/s ({run['seconds']:.1f} s)")
         if opts.host_memory:

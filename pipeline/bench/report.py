@@ -61,7 +61,7 @@ def format_table(report: dict[str, Any]) -> str:
                   f"{sc['checksum_mpx_per_s']:.0f} Mpx/s ({sc['checksum_mpx_per_s'] / m['mpx_per_s']:.0f}x model only)"),
         ("end to end", f"{e['mpx_per_s']:.3f} Mpx/s on {e['scenes']} x {e['size']}^2 x {e['bands']} uint16, "
                        f"ratio {e['ratio_to_model_only']:.2f} ({e['ratio_to_median_model_only']:.2f} to the median "
-                       f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB"
+                       f"batch of model only), peak RSS {e['peak_rss_mb']:.0f} MB, {_dask_threads(e['dask_threads'])}"
                        + (f", {e['readers']} reader processes{_parts(e)}" if e.get("readers") else "")),
         ("end to end, paired", f"ratio {e['paired']['ratio']:.2f} ({e['paired']['ratio_to_mean']:.2f} to their mean) "
                                f"to {len(e['paired']['before_s']) + len(e['paired']['after_s'])} model-only "
@@ -129,7 +129,7 @@ def format_host_table(report: dict[str, Any]) -> str:
                       f"{report['model']['in_bands']} bands"),
             ("scenes", f"{report['scenes']} x {sc['size']}^2 x {sc['bands']} {sc['dtype']}, blocks {sc['block']}^2, "
                        f"{sc['compress']}"),
-            ("settings", f"{report['threads'] or 'the workflow default'} Dask threads, "
+            ("settings", f"{_dask_threads(report['threads'])}, "
                          f"{report['readers']} readers{_parts(report)}; publishing: {_publishing(report)}")]
     rates = [run["mpx_per_s"] for run in runs]
     costs = [sum(run["cpu_ms_per_mpx"].values()) for run in runs]
@@ -193,6 +193,10 @@ def _parts(settings: dict[str, Any]) -> str:
     """How many parts readers read each batch in, where more than one (:mod:`pipeline.reading`)."""
     parts = settings.get("read_parts", 1)
     return f" (each batch in {parts} parts)" if settings.get("readers") and parts > 1 else ""
+
+
+def _dask_threads(n: int) -> str:
+    return f"{n} Dask thread{'' if n == 1 else 's'}"
 
 
 def _device(report: dict[str, Any]) -> str:

@@ -172,7 +172,8 @@ def child_e2e(workflow_json: str, model: bool = True) -> dict:
     if failed:
         raise RuntimeError(f"bench run failed: {failed}")
     result = {"seconds": seconds, "startup_s": warm, "pixels": sum(f.pixels or 0 for f in report.files),
-              "device": report.device, "model_busy_share": report.model_busy_share, "readers": readers,
+              "device": report.device, "model_busy_share": report.model_busy_share, "dask_threads": wf.dask.threads,
+              "readers": readers,
               "read_parts": len(part_slices(wf.tiling.batch, batch_parts(wf))) if readers else 1,
               "finishers": finishers, "model_batch_s": max(report.model_batch_s.values(), default=None),
               "publish_wait_s": report.publish_wait_s, "publish_tail_s": report.publish_tail_s,
