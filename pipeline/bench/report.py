@@ -120,7 +120,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def format_host_table(report: dict[str, Any]) -> str:
-    """A :func:`run_host_only` report as an aligned two-column table, a row per run."""
+    """A :func:`~pipeline.bench.measure.run_host_only` report as an aligned two-column table, a row per run."""
     sc, runs = report["scene"], report["runs"]
     rows = [("device", _device(report)),
             ("tiles", f"{report['tiling']['tile']} + halo {report['tiling']['halo']} (read "
@@ -152,7 +152,7 @@ def format_host_table(report: dict[str, Any]) -> str:
 
 
 def memory_line(memory: dict[str, Any]) -> str:
-    """A :func:`measure_memory` result in words: each size's peak RSS, and their ratio."""
+    """A :func:`~pipeline.bench.runs.measure_memory` result in words: each size's peak RSS, and their ratio."""
     small, large = memory["small"], memory["large"]
     return (f"peak RSS {small['size']}^2 {small['peak_rss_mb']:.0f} MB, {large['size']}^2 "
             f"{large['peak_rss_mb']:.0f} MB: x{memory['large_over_small']:.2f}")
