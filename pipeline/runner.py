@@ -94,8 +94,7 @@ LOCAL_HOUSEKEEPING = {
 """How often a local cluster's servers check their event loop's health (every 20 ms by
 default; 500 ms is what Dask's own tests use), sample the system (500 ms) and the workers'
 memory (100 ms). On the cores the model runs on, the defaults cost an idle cluster 34-49 ms
-of CPU a second and these 28-31 in one session (an earlier one measured 34-41 against 5; the
-system monitor and the worker's heartbeat are the largest parts left, docs/performance.md)."""
+of CPU a second, these 28-31 (docs/performance.md)."""
 
 
 @contextlib.contextmanager

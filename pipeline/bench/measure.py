@@ -46,11 +46,11 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     """Measure everything :mod:`pipeline.bench`'s docstring lists; returns the JSON report."""
     import jax
 
-    from pipeline.infer import Predictor, auto_batch, configure_jax, device_description, resolve_precision
+    from pipeline.infer import Predictor, auto_batch, configure_jax, resolve_precision
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import load_checkpoint
     from unet_flax.model import flops_per_pixel, forward_flops
-    from unet_flax.xla_flags import cpu_features, ynn_convolutions
+    from unet_flax.xla_flags import ynn_convolutions
 
     # The children and PyTorch share one accelerator with this process: JAX allocates on
     # demand instead of taking 75% of the device's memory at start.
@@ -63,16 +63,12 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         fpp = flops_per_pixel(cfg)
         tile_flops = forward_flops(cfg, (spec.read_size,) * 2, spec.core)  # what the predictor computes
         precision = resolve_precision(opts.precision)
-        report: dict[str, Any] = {
-            "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "quick": opts.quick,
-            "cpu_features": sorted(cpu_features() & CPU_FEATURES),
-            "model": {"checkpoint": str(opts.model) if opts.model else None, "depth": cfg.depth,
-                      "base_width": cfg.base_width, "in_bands": cfg.in_bands, "num_classes": cfg.num_classes,
-                      "flops_per_pixel": fpp, "flops_per_tile": tile_flops, "precision": precision,
-                      "cpu_convolutions": "ynnpack" if ynn_convolutions() else "eigen"},
-            "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
-        }
+        report = _header(cfg, spec, precision)
+        report.update(jax=jax.__version__, cpu_count=os.cpu_count(), load_average=list(os.getloadavg()),
+                      quick=opts.quick)
+        report["model"].update(checkpoint=str(opts.model) if opts.model else None, flops_per_pixel=fpp,
+                               flops_per_tile=tile_flops,
+                               cpu_convolutions="ynnpack" if ynn_convolutions() else "eigen")
         echo(f"bench on {report['device']}: U-Net depth {cfg.depth} width {cfg.base_width}, "
              f"tile {spec.tile} + halo {spec.halo}")
 
@@ -118,6 +114,20 @@ def run_bench(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         report["targets"] = targets(report)
         report["load_average_end"] = list(os.getloadavg())
         return report
+
+
+def _header(cfg: Any, spec: Any, precision: str) -> dict[str, Any]:
+    """What every report starts with: the device, the host CPU's features, the model and the tiles."""
+    import jax
+
+    from pipeline.infer import device_description
+    from unet_flax.xla_flags import cpu_features
+
+    return {"device": device_description(), "backend": jax.default_backend(),
+            "cpu_features": sorted(cpu_features() & CPU_FEATURES),
+            "model": {"depth": cfg.depth, "base_width": cfg.base_width, "in_bands": cfg.in_bands,
+                      "num_classes": cfg.num_classes, "precision": precision},
+            "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size}}
 
 
 def _compile(report: dict[str, Any], work: Path, checkpoint: Path, spec: Any, precision: str, opts: BenchOptions,
@@ -258,26 +268,18 @@ def run_host_only(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     ``--output-compression``) would run it on this machine's cores. An accelerator host's
     settings emulated on any machine; no model-only or compile measurements, and memory only
     with ``opts.host_memory`` (``--memory``), the model's cost taken out as well."""
-    import jax
-
-    from pipeline.infer import device_description, resolve_precision
+    from pipeline.infer import resolve_precision
     from pipeline.windows import tile_spec
     from unet_flax.checkpoint import load_checkpoint
-    from unet_flax.xla_flags import cpu_features
 
     with _workdir(opts) as work:
         checkpoint = opts.model or make_checkpoint(work / "bench-model.safetensors", opts.arch)
         cfg = load_checkpoint(checkpoint).card.unet
         spec, precision = tile_spec(opts.tile, opts.halo, cfg.factor), resolve_precision(opts.precision)
         scene_dir, scene = make_scenes(work, opts, cfg.in_bands)
-        report: dict[str, Any] = {
-            "device": device_description(), "backend": jax.default_backend(), "host_only": True,
-            "cpu_features": sorted(cpu_features() & CPU_FEATURES),
-            "model": {"depth": cfg.depth, "base_width": cfg.base_width, "in_bands": cfg.in_bands,
-                      "num_classes": cfg.num_classes, "precision": precision},
-            "tiling": {"tile": spec.tile, "halo": spec.halo, "read_size": spec.read_size},
-            "batch": {"value": opts.batch, "auto": False}, "scenes": opts.scenes,
-            "scene": scene_layout(scene, cfg.in_bands, opts), "runs": []}
+        report = _header(cfg, spec, precision)
+        report.update(host_only=True, batch={"value": opts.batch, "auto": False}, scenes=opts.scenes,
+                      scene=scene_layout(scene, cfg.in_bands, opts), runs=[])
         echo(f"host ceiling on {report['device']}: {opts.scenes} x {opts.size}^2, batch {opts.batch}, {precision}")
         for i in range(opts.host_runs):
             run = run_e2e(work, f"host-{i}", scene_dir, checkpoint, spec, opts.batch, work / "jax-cache", precision,
